@@ -1,0 +1,281 @@
+package packet
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+)
+
+// Packet is one typed message: a type byte chosen by the application and a
+// payload. Its length on the wire is always len(Data).
+//
+// The wire encoding is 1 byte Type, 8 bytes big-endian signed length, then
+// the payload, byte for byte as the original aerogo/packet wrote it.
+type Packet struct {
+	Type byte
+	Data []byte
+}
+
+// Decoder reads packets from a byte stream, one at a time.
+//
+// It reads exactly the bytes of each packet and no more, so it composes with
+// any io.Reader; give it a buffered reader when the source is a connection.
+// Small payloads are carved from shared blocks (see Decode); a Decoder is not
+// safe for concurrent use.
+type Decoder struct {
+	r       io.Reader
+	maxSize int
+	header  [HeaderSize]byte
+	slab    []byte
+	packets []Packet
+	// received counts the bytes read since the decoder was made or reset:
+	// what the peer has paid for, and so may be trusted with.
+	received int64
+}
+
+// HeaderSize is the length of a packet's header on the wire: the type byte
+// and the 8 byte length.
+const HeaderSize = 9
+
+// DefaultMaxSize is the largest payload a Decoder or a Stream accepts unless
+// told otherwise: 16 MiB.
+const DefaultMaxSize = 16 << 20
+
+// Errors a Decoder returns, wrapped with detail; match them with errors.Is.
+var (
+	// ErrTooLarge means a payload is longer than the limit in force: the
+	// decoder's or stream's maximum, or what fits in one datagram.
+	ErrTooLarge = errors.New("packet: payload too large")
+
+	// ErrNegativeLength means a header claimed a length below zero.
+	ErrNegativeLength = errors.New("packet: negative length")
+
+	// ErrMalformed means a datagram's bytes do not form whole packets.
+	ErrMalformed = errors.New("packet: malformed datagram")
+
+	// ErrUnsent means a Stream was closed with packets it could not send.
+	ErrUnsent = errors.New("packet: stream closed with packets unsent")
+)
+
+const (
+	// slabSize is the block that small received payloads are carved from.
+	slabSize = 32 << 10
+	// slabMax is the largest payload carved from a block; larger ones get
+	// their own allocation.
+	slabMax = 2 << 10
+	// blockSize is the size of the pooled buffers used for reading and
+	// writing. It is also the largest payload allocated as soon as its header
+	// arrives: beyond it, memory grows only as bytes actually arrive.
+	blockSize = 64 << 10
+	// packetBlock is how many Packet values are allocated at once.
+	packetBlock = 64
+	// copyLimit is the largest payload that Write copies next to its header
+	// for a single Write call; larger payloads are written in place.
+	copyLimit = 16 << 10
+)
+
+// blockPool holds blockSize buffers: a stream's read and write buffers, and
+// the chunks a large payload is gathered in before its final slice exists.
+var blockPool = sync.Pool{New: func() any { b := make([]byte, blockSize); return &b }}
+
+// smallPool holds buffers for encoding one small packet in Write.
+var smallPool = sync.Pool{New: func() any { b := make([]byte, 0, HeaderSize+copyLimit); return &b }}
+
+// New returns a packet of the given type carrying data. The packet refers to
+// data; it does not copy it.
+func New(byteCode byte, data []byte) *Packet {
+	return &Packet{Type: byteCode, Data: data}
+}
+
+// Bytes returns the packet's wire encoding in a new slice.
+func (p *Packet) Bytes() []byte {
+	b, _ := p.AppendBinary(make([]byte, 0, HeaderSize+len(p.Data)))
+	return b
+}
+
+// AppendBinary appends the packet's wire encoding to b and returns the
+// extended slice. It never fails; the error is there for
+// encoding.BinaryAppender.
+func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
+	b = appendHeader(b, p.Type, len(p.Data))
+	return append(b, p.Data...), nil
+}
+
+// Write writes the packet to w: with one Write call when the payload is
+// small, and without copying the payload (writev on a TCP connection) when it
+// is large.
+func (p *Packet) Write(w io.Writer) error {
+	if len(p.Data) > copyLimit {
+		var header [HeaderSize]byte
+		appendHeader(header[:0], p.Type, len(p.Data))
+		bufs := net.Buffers{header[:], p.Data}
+		_, err := bufs.WriteTo(w)
+		return err
+	}
+	bp := smallPool.Get().(*[]byte)
+	b, _ := p.AppendBinary((*bp)[:0])
+	_, err := w.Write(b)
+	*bp = b
+	smallPool.Put(bp)
+	return err
+}
+
+// NewDecoder returns a decoder that reads packets from r and refuses
+// payloads larger than DefaultMaxSize.
+func NewDecoder(r io.Reader) *Decoder {
+	return &Decoder{r: r, maxSize: DefaultMaxSize}
+}
+
+// SetMaxSize sets the largest payload, in bytes, that Decode accepts.
+func (d *Decoder) SetMaxSize(n int) {
+	d.maxSize = n
+}
+
+// Reset makes the decoder read from r, keeping its limit.
+func (d *Decoder) Reset(r io.Reader) {
+	d.r = r
+	d.received = 0
+}
+
+// Decode reads the next packet.
+//
+// It keeps the contract of encoding/binary.Read: the error is io.EOF only if
+// no byte of the packet was read, and io.ErrUnexpectedEOF if the input ended
+// part-way. A length that is negative or over the limit returns an error
+// wrapping ErrNegativeLength or ErrTooLarge before any payload is read; a byte
+// stream cannot recover from that, so stop reading it.
+//
+// Memory follows the bytes that arrive, not the length a header claims: a
+// payload over 64 KiB is allocated whole only once the decoder has read at
+// least as many bytes from its reader; until then its buffer grows fourfold
+// at a time as bytes arrive. Payloads up to 2 KiB share a larger block with
+// the payloads of other packets, and Packet values are allocated in groups,
+// so a caller that keeps one small packet keeps its block (32 KiB at most)
+// alive.
+// Every returned packet and payload is the caller's: the decoder never
+// writes to them again.
+func (d *Decoder) Decode() (*Packet, error) {
+	m, err := io.ReadFull(d.r, d.header[:])
+	d.received += int64(m)
+	if err != nil {
+		return nil, err
+	}
+	typ, n, err := parseHeader(d.header[:], d.maxSize)
+	if err != nil {
+		return nil, err
+	}
+	data, err := d.readPayload(n)
+	if err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return d.newPacket(typ, data), nil
+}
+
+// readPayload reads an n byte payload.
+func (d *Decoder) readPayload(n int) ([]byte, error) {
+	if n <= blockSize || int64(n) <= d.received {
+		data := d.alloc(n)
+		m, err := io.ReadFull(d.r, data)
+		d.received += int64(m)
+		return data, err
+	}
+	// The peer claims more than it has sent so far: let the payload grow
+	// fourfold at a time as its bytes arrive, so that a claim costs at most
+	// about four times what was actually sent.
+	data := make([]byte, blockSize)
+	got := 0
+	for {
+		m, err := io.ReadFull(d.r, data[got:])
+		got += m
+		d.received += int64(m)
+		if err != nil {
+			return nil, err
+		}
+		if got == n {
+			return data, nil
+		}
+		grown := make([]byte, min(n, 4*got))
+		copy(grown, data)
+		data = grown
+	}
+}
+
+// alloc returns a slice of n bytes that no other packet uses, carved from the
+// current block when n is small. Its capacity is n, so appending to one
+// payload never overwrites the next.
+func (d *Decoder) alloc(n int) []byte {
+	if n > slabMax {
+		return make([]byte, n)
+	}
+	if n > len(d.slab) {
+		d.slab = make([]byte, slabSize)
+	}
+	b := d.slab[:n:n]
+	d.slab = d.slab[n:]
+	return b
+}
+
+// newPacket returns a packet carved from the current group of Packet values.
+func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
+	if len(d.packets) == 0 {
+		d.packets = make([]Packet, packetBlock)
+	}
+	p := &d.packets[0]
+	d.packets = d.packets[1:]
+	p.Type, p.Data = typ, data
+	return p
+}
+
+// decodeDatagram decodes every packet in one datagram. It checks the whole
+// datagram before it delivers anything, so a malformed datagram yields no
+// packet at all. The payloads are copied: b may be reused by the caller.
+func (d *Decoder) decodeDatagram(b []byte, deliver func(*Packet) bool) error {
+	for rest := b; len(rest) > 0; {
+		if len(rest) < HeaderSize {
+			return fmt.Errorf("%w: %d bytes left after the last whole packet", ErrMalformed, len(rest))
+		}
+		_, n, err := parseHeader(rest, d.maxSize)
+		if err != nil {
+			return err
+		}
+		if n > len(rest)-HeaderSize {
+			return fmt.Errorf("%w: header claims %d bytes, %d present", ErrMalformed, n, len(rest)-HeaderSize)
+		}
+		rest = rest[HeaderSize+n:]
+	}
+	for len(b) > 0 {
+		typ, n, _ := parseHeader(b, d.maxSize)
+		data := d.alloc(n)
+		copy(data, b[HeaderSize:])
+		b = b[HeaderSize+n:]
+		if !deliver(d.newPacket(typ, data)) {
+			return nil
+		}
+	}
+	return nil
+}
+
+// appendHeader appends a packet header for an n byte payload to b.
+func appendHeader(b []byte, typ byte, n int) []byte {
+	b = append(b, typ)
+	return binary.BigEndian.AppendUint64(b, uint64(n))
+}
+
+// parseHeader reads the header at the start of b and checks the length
+// against max.
+func parseHeader(b []byte, max int) (typ byte, n int, err error) {
+	length := int64(binary.BigEndian.Uint64(b[1:HeaderSize]))
+	switch {
+	case length < 0:
+		return 0, 0, fmt.Errorf("%w: %d", ErrNegativeLength, length)
+	case length > int64(max):
+		return 0, 0, fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, length, max)
+	}
+	return b[0], int(length), nil
+}

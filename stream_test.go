@@ -1,0 +1,765 @@
+package packet_test
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/aerogo/packet"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestMain fails the run if any stream goroutine outlives the tests: every
+// test closes its streams, and Close promises they exit.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if code == 0 {
+		if leaked := waitForStreamGoroutines(5 * time.Second); leaked != "" {
+			fmt.Fprintf(os.Stderr, "stream goroutines left after the tests:\n%s\n", leaked)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// streamGoroutines returns the stacks of goroutines running stream code.
+func streamGoroutines() string {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	var found []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "packet.(*Stream)") {
+			found = append(found, g)
+		}
+	}
+	return strings.Join(found, "\n\n")
+}
+
+// waitForStreamGoroutines polls until no stream goroutine runs, for at most
+// d, and returns what is left.
+func waitForStreamGoroutines(d time.Duration) string {
+	deadline := time.Now().Add(d)
+	for {
+		left := streamGoroutines()
+		if left == "" || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// tcpPair returns the two ends of a loopback TCP connection.
+func tcpPair(t testing.TB) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	return dialAccept(t, ln)
+}
+
+// dialAccept dials ln and returns the dialed and the accepted end.
+func dialAccept(t testing.TB, ln net.Listener) (net.Conn, net.Conn) {
+	t.Helper()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			accepted <- nil
+			return
+		}
+		accepted <- c
+	}()
+	c, err := net.Dial(ln.Addr().Network(), ln.Addr().String())
+	require.NoError(t, err)
+	s := <-accepted
+	require.NotNil(t, s)
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c, s
+}
+
+// newStream returns a stream that is closed when the test ends.
+func newStream(t testing.TB, size int) *packet.Stream {
+	s := packet.NewStream(size)
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// collectErrors registers a callback that passes every report to the
+// returned channel.
+func collectErrors(s *packet.Stream) <-chan packet.IOError {
+	errs := make(chan packet.IOError, 1024)
+	s.OnError(func(e packet.IOError) { errs <- e })
+	return errs
+}
+
+// numbered returns packet i, with i in its payload.
+func numbered(i int, size int) *packet.Packet {
+	data := make([]byte, max(size, 8))
+	binary.BigEndian.PutUint64(data, uint64(i))
+	return packet.New(byte(i), data)
+}
+
+// number reads the number numbered put in p.
+func number(p *packet.Packet) int {
+	return int(binary.BigEndian.Uint64(p.Data))
+}
+
+// receive waits for the next packet on s, failing the test after a while.
+func receive(t testing.TB, s *packet.Stream) *packet.Packet {
+	t.Helper()
+	select {
+	case p, ok := <-s.Incoming:
+		require.True(t, ok, "Incoming closed")
+		return p
+	case <-time.After(10 * time.Second):
+		require.FailNow(t, "no packet within 10s")
+		return nil
+	}
+}
+
+// receiveError waits for the next report, failing the test after a while.
+func receiveError(t testing.TB, errs <-chan packet.IOError) packet.IOError {
+	t.Helper()
+	select {
+	case e := <-errs:
+		return e
+	case <-time.After(10 * time.Second):
+		require.FailNow(t, "no error reported within 10s")
+		return packet.IOError{}
+	}
+}
+
+// readNumbers decodes packets from conn until it fails and sends their
+// numbers on out; it returns the error that ended it.
+func readNumbers(conn net.Conn, out chan<- int) error {
+	d := packet.NewDecoder(conn)
+	for {
+		p, err := d.Decode()
+		if err != nil {
+			return err
+		}
+		out <- number(p)
+	}
+}
+
+// faultConn fails its failAt-th Write, after passing on half of it when
+// partial is set.
+type faultConn struct {
+	net.Conn
+	failAt  int
+	partial bool
+	writes  int
+}
+
+var errFault = errors.New("injected write fault")
+
+func (c *faultConn) Write(p []byte) (int, error) {
+	c.writes++
+	if c.writes < c.failAt {
+		return c.Conn.Write(p)
+	}
+	if c.writes > c.failAt {
+		return 0, errFault
+	}
+	n := 0
+	if c.partial {
+		n, _ = c.Conn.Write(p[:len(p)/2])
+	}
+	return n, errFault
+}
+
+// Guarantee 1: packets arrive in the order they were queued.
+func TestOrder(t *testing.T) {
+	a, b := tcpPair(t)
+	sender, receiver := newStream(t, 64), newStream(t, 64)
+	sender.SetConnection(a)
+	receiver.SetConnection(b)
+
+	const n = 20000
+	go func() {
+		for i := range n {
+			sender.Outgoing <- numbered(i, 8+i%300)
+		}
+	}()
+	for i := range n {
+		p := receive(t, receiver)
+		require.Equal(t, i, number(p))
+		require.Equal(t, byte(i), p.Type)
+		require.Len(t, p.Data, 8+i%300)
+	}
+}
+
+// Guarantee 2: packets queued before the first connection wait for it.
+func TestQueuedBeforeConnection(t *testing.T) {
+	s := newStream(t, 100)
+	for i := range 100 {
+		s.Outgoing <- numbered(i, 8)
+	}
+	assert.Nil(t, s.Connection())
+
+	a, b := tcpPair(t)
+	s.SetConnection(a)
+	assert.Equal(t, a, s.Connection())
+	got := make(chan int, 100)
+	go readNumbers(b, got)
+	for i := range 100 {
+		assert.Equal(t, i, <-got)
+	}
+}
+
+// Guarantee 2: packets queued while the connection is down go out, in order,
+// on the next one.
+func TestQueuedWhileDown(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+
+	s := newStream(t, 100)
+	errs := collectErrors(s)
+	a, peer := dialAccept(t, ln)
+	s.SetConnection(a)
+	peer.Close()
+	e := receiveError(t, errs)
+	assert.ErrorIs(t, e.Error, io.EOF, "a peer's orderly close is reported as io.EOF")
+	assert.Equal(t, a, e.Connection)
+
+	for i := range 100 {
+		s.Outgoing <- numbered(i, 8)
+	}
+	b, peer2 := dialAccept(t, ln)
+	s.SetConnection(b)
+	got := make(chan int, 100)
+	go readNumbers(peer2, got)
+	for i := range 100 {
+		assert.Equal(t, i, <-got)
+	}
+}
+
+// Guarantee 3: a swap closes the old connection, sends later packets on the
+// new one, and reports nothing.
+func TestHotSwap(t *testing.T) {
+	s := newStream(t, 16)
+	errs := collectErrors(s)
+	a, peerA := tcpPair(t)
+	b, peerB := tcpPair(t)
+
+	s.SetConnection(a)
+	s.Outgoing <- packet.New(1, []byte("to a"))
+	p, err := packet.NewDecoder(peerA).Decode()
+	require.NoError(t, err)
+	assert.Equal(t, "to a", string(p.Data))
+
+	peerA.Write(packet.New(2, []byte("from a")).Bytes())
+	assert.Equal(t, "from a", string(receive(t, s).Data))
+
+	s.SetConnection(b)
+	assert.Equal(t, b, s.Connection())
+	s.Outgoing <- packet.New(1, []byte("to b"))
+	p, err = packet.NewDecoder(peerB).Decode()
+	require.NoError(t, err)
+	assert.Equal(t, "to b", string(p.Data))
+
+	// The old connection was closed by the stream: its peer sees the end.
+	_, err = packet.NewDecoder(peerA).Decode()
+	assert.ErrorIs(t, err, io.EOF)
+
+	peerB.Write(packet.New(2, []byte("from b")).Bytes())
+	assert.Equal(t, "from b", string(receive(t, s).Data))
+
+	require.NoError(t, s.Close())
+	assert.Empty(t, errs, "a swap is not an error")
+}
+
+// Guarantees 4 and 5: writes that fail, with nothing or part of the bytes
+// written, lose no packet; each failed connection is reported once; with
+// nothing partial, no packet arrives twice.
+func TestFailedWritesLoseNothing(t *testing.T) {
+	for _, partial := range []bool{false, true} {
+		t.Run(fmt.Sprintf("partial=%v", partial), func(t *testing.T) {
+			const n = 30000
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(t, err)
+			t.Cleanup(func() { ln.Close() })
+
+			// The peer reads each connection to its end, in the order they
+			// were made, as one server would see a client come back.
+			got := make(chan int, n)
+			peerDone := make(chan struct{})
+			go func() {
+				defer close(peerDone)
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					readNumbers(c, got)
+					c.Close()
+				}
+			}()
+
+			s := newStream(t, 256)
+			var conns []*faultConn
+			var reports []packet.IOError
+			var mu sync.Mutex
+			dial := func(i int) {
+				c, err := net.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				fc := &faultConn{Conn: c, failAt: 2 + i%5, partial: partial}
+				if i >= 20 {
+					fc.failAt = 1 << 30
+				}
+				mu.Lock()
+				conns = append(conns, fc)
+				mu.Unlock()
+				s.SetConnection(fc)
+			}
+			s.OnError(func(e packet.IOError) {
+				mu.Lock()
+				reports = append(reports, e)
+				i := len(reports)
+				mu.Unlock()
+				dial(i)
+			})
+			dial(0)
+
+			go func() {
+				for i := range n {
+					s.Outgoing <- numbered(i, 8+i%64)
+				}
+			}()
+			seen := make([]int, n)
+			for next := 0; next < n; {
+				select {
+				case i := <-got:
+					require.Less(t, i, n)
+					seen[i]++
+					if partial {
+						require.LessOrEqual(t, i, next, "packets arrive in order")
+					} else {
+						require.Equal(t, next, i, "packets arrive in order, each once")
+					}
+					if i == next {
+						next++
+					}
+				case <-time.After(10 * time.Second):
+					require.FailNow(t, "packets stopped arriving", "next is %d", next)
+				}
+			}
+			require.NoError(t, s.Close())
+			ln.Close()
+			<-peerDone
+
+			for i, c := range seen {
+				require.GreaterOrEqual(t, c, 1, "packet %d lost", i)
+				if !partial {
+					require.Equal(t, 1, c, "packet %d duplicated", i)
+				}
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			failed := 0
+			for _, c := range conns {
+				if c.writes >= c.failAt {
+					failed++
+				}
+			}
+			require.GreaterOrEqual(t, failed, 5, "enough faults were injected")
+			require.Len(t, reports, failed, "one report per failed connection")
+			for i, e := range reports {
+				assert.Same(t, conns[i], e.Connection)
+				assert.ErrorIs(t, e.Error, errFault)
+			}
+		})
+	}
+}
+
+// Guarantee 5: a connection that both the reader and the writer see fail is
+// reported once.
+func TestOneReportWhenReaderAndWriterFail(t *testing.T) {
+	for range 5 {
+		a, peer := tcpPair(t)
+		s := packet.NewStream(16)
+		var reports atomic.Int32
+		failed := make(chan packet.IOError, 10)
+		s.OnError(func(e packet.IOError) {
+			reports.Add(1)
+			failed <- e
+		})
+		s.SetConnection(a)
+
+		// Keep the writer busy so that it meets the reset the reader meets.
+		stop := make(chan struct{})
+		sending := make(chan struct{})
+		go func() {
+			defer close(sending)
+			for {
+				select {
+				case s.Outgoing <- packet.New(0, make([]byte, 1000)):
+				case <-stop:
+					return
+				}
+			}
+		}()
+		peer.(*net.TCPConn).SetLinger(0) // close with a reset
+		peer.Close()
+		e := receiveError(t, failed)
+		assert.Equal(t, a, e.Connection)
+		close(stop)
+		<-sending
+		if err := s.Close(); err != nil {
+			require.ErrorIs(t, err, packet.ErrUnsent, "only packets without a connection may be left")
+		}
+		assert.Equal(t, int32(1), reports.Load())
+	}
+}
+
+// Guarantee 6: a callback may reconnect with SetConnection, and register
+// callbacks, while other goroutines call OnError.
+func TestOnErrorFromAnyGoroutine(t *testing.T) {
+	s := newStream(t, 16)
+	var wg sync.WaitGroup
+	var calls atomic.Int32
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 50 {
+				s.OnError(func(packet.IOError) { calls.Add(1) })
+			}
+		}()
+	}
+	a, peer := tcpPair(t)
+	s.SetConnection(a)
+	peer.Close()
+	wg.Wait()
+	require.NoError(t, s.Close())
+	// Every callback registered before the report ran once for it.
+	assert.LessOrEqual(t, calls.Load(), int32(400))
+}
+
+// Guarantee 6: Close from inside a callback does not deadlock, and the
+// stream's goroutines exit as soon as the callback returns.
+func TestCloseFromCallback(t *testing.T) {
+	s := packet.NewStream(16)
+	closed := make(chan error, 1)
+	s.OnError(func(packet.IOError) { closed <- s.Close() })
+	a, peer := tcpPair(t)
+	s.SetConnection(a)
+	peer.Close()
+
+	select {
+	case err := <-closed:
+		assert.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		require.FailNow(t, "Close from a callback did not return")
+	}
+	_, ok := <-s.Incoming
+	assert.False(t, ok, "Incoming is closed")
+	assert.Empty(t, waitForStreamGoroutines(5*time.Second))
+	assert.NoError(t, s.Close())
+}
+
+// Guarantee 7: Close sends what is queued, closes the connection and
+// Incoming, and leaves no goroutine behind.
+func TestCloseFlushes(t *testing.T) {
+	a, peer := tcpPair(t)
+	s := packet.NewStream(1000)
+	s.SetConnection(a)
+	for i := range 1000 {
+		s.Outgoing <- numbered(i, 100)
+	}
+	require.NoError(t, s.Close())
+	assert.Empty(t, streamGoroutines(), "every stream goroutine has exited")
+
+	got := make(chan int, 1000)
+	err := readNumbers(peer, got)
+	assert.ErrorIs(t, err, io.EOF, "the stream closed its connection")
+	require.Len(t, got, 1000)
+	for i := range 1000 {
+		assert.Equal(t, i, <-got)
+	}
+	_, ok := <-s.Incoming
+	assert.False(t, ok, "Incoming is closed")
+}
+
+// Guarantee 7: Close is safe before any connection and twice, and says what
+// it could not send.
+func TestCloseWithoutConnection(t *testing.T) {
+	s := packet.NewStream(4)
+	require.NoError(t, s.Close())
+	require.NoError(t, s.Close())
+	for range s.Incoming {
+		t.Fatal("no packet expected")
+	}
+
+	s = packet.NewStream(4)
+	s.Outgoing <- packet.New(0, nil)
+	s.Outgoing <- packet.New(0, nil)
+	err := s.Close()
+	require.ErrorIs(t, err, packet.ErrUnsent)
+	assert.Contains(t, err.Error(), "2 packets")
+	assert.Nil(t, s.Connection())
+
+	// A connection given after Close is closed, not used.
+	a, peer := tcpPair(t)
+	s.SetConnection(a)
+	_, err = peer.Read(make([]byte, 1))
+	assert.ErrorIs(t, err, io.EOF)
+}
+
+// Guarantee 7: Close ends a range over Incoming while the reader is blocked
+// delivering, and ends in bounded time when the peer does not read.
+func TestCloseUnblocks(t *testing.T) {
+	a, peer := net.Pipe()
+	t.Cleanup(func() { peer.Close() })
+	s := packet.NewStream(1)
+	s.SetConnection(a)
+
+	// The peer sends more than Incoming holds and never reads.
+	go func() {
+		for range 10 {
+			if _, err := peer.Write(packet.New(0, []byte("x")).Bytes()); err != nil {
+				return
+			}
+		}
+	}()
+	s.Outgoing <- packet.New(0, []byte("never read"))
+	done := make(chan error)
+	go func() { done <- s.Close() }()
+	received := 0
+	for range s.Incoming {
+		received++
+	}
+	err := <-done
+	assert.ErrorIs(t, err, packet.ErrUnsent, "the peer never read the queued packet")
+	assert.LessOrEqual(t, received, 10)
+	assert.Empty(t, streamGoroutines())
+}
+
+// Guarantee 8: a peer that does not read makes senders block; the stream
+// takes in no more than its channel and one batch.
+func TestSlowPeerBlocksSenders(t *testing.T) {
+	a, peer := net.Pipe() // synchronous: a write blocks until read
+	t.Cleanup(func() { peer.Close() })
+	s := newStream(t, 16)
+	s.SetConnection(a)
+
+	accepted := 0
+	for range 20000 {
+		select {
+		case s.Outgoing <- packet.New(0, make([]byte, 1024)):
+			accepted++
+		default:
+			runtime.Gosched()
+		}
+	}
+	// 16 in the channel and at most 48 KiB copied into one batch.
+	assert.LessOrEqual(t, accepted, 16+48+1)
+	assert.GreaterOrEqual(t, accepted, 16)
+}
+
+// Guarantee 9: a bad length is reported, drops the connection and delivers
+// nothing; the next connection works.
+func TestHostileLength(t *testing.T) {
+	headers := map[string][]byte{
+		"negative":  {0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff},
+		"huge":      {0, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff},
+		"over 1KiB": {0, 0, 0, 0, 0, 0, 0, 4, 1},
+	}
+	want := map[string]error{"negative": packet.ErrNegativeLength, "huge": packet.ErrTooLarge, "over 1KiB": packet.ErrTooLarge}
+	for name, header := range headers {
+		t.Run(name, func(t *testing.T) {
+			s := newStream(t, 16)
+			s.SetMaxSize(1024)
+			errs := collectErrors(s)
+			a, peer := tcpPair(t)
+			s.SetConnection(a)
+			peer.Write(append(header, "some bytes that follow"...))
+
+			e := receiveError(t, errs)
+			assert.ErrorIs(t, e.Error, want[name])
+			assert.Equal(t, a, e.Connection)
+			_, err := peer.Read(make([]byte, 1))
+			assert.ErrorIs(t, err, io.EOF, "the connection was dropped")
+			assert.Empty(t, s.Incoming, "nothing was delivered")
+
+			b, peer2 := tcpPair(t)
+			s.SetConnection(b)
+			peer2.Write(packet.New(3, make([]byte, 1024)).Bytes())
+			p := receive(t, s)
+			assert.Equal(t, byte(3), p.Type)
+			assert.Len(t, p.Data, 1024)
+		})
+	}
+}
+
+// Guarantee 10: a stream works over TCP, Unix sockets, TLS and net.Pipe.
+func TestConnectionKinds(t *testing.T) {
+	kinds := map[string]func(t *testing.T) (net.Conn, net.Conn){
+		"tcp":  func(t *testing.T) (net.Conn, net.Conn) { return tcpPair(t) },
+		"pipe": func(t *testing.T) (net.Conn, net.Conn) { return net.Pipe() },
+		"unix": func(t *testing.T) (net.Conn, net.Conn) {
+			ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
+			require.NoError(t, err)
+			defer ln.Close()
+			return dialAccept(t, ln)
+		},
+		"tls": tlsPair,
+	}
+	for name, pair := range kinds {
+		t.Run(name, func(t *testing.T) {
+			a, b := pair(t)
+			client, server := newStream(t, 16), newStream(t, 16)
+			client.SetConnection(a)
+			server.SetConnection(b)
+			// Send, echo and receive at once: net.Pipe holds nothing.
+			go func() {
+				for i := range 100 {
+					client.Outgoing <- numbered(i, 10+i*300)
+				}
+			}()
+			go func() {
+				for i := range 100 {
+					p := <-server.Incoming
+					if p == nil || number(p) != i || len(p.Data) != 10+i*300 {
+						t.Errorf("server got %v, want packet %d", p, i)
+						return
+					}
+					server.Outgoing <- p
+				}
+			}()
+			for i := range 100 {
+				require.Equal(t, i, number(receive(t, client)))
+			}
+		})
+	}
+}
+
+// tlsPair returns the two ends of a TLS connection over loopback TCP, with a
+// certificate made for the test.
+func tlsPair(t *testing.T) (net.Conn, net.Conn) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		DNSNames:     []string{"localhost"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	require.NoError(t, err)
+	cert, err := x509.ParseCertificate(der)
+	require.NoError(t, err)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+
+	a, b := tcpPair(t)
+	client := tls.Client(a, &tls.Config{RootCAs: pool, ServerName: "localhost"})
+	server := tls.Server(b, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+	return client, server
+}
+
+// Example shows the original README's first example against a server that
+// answers ping with pong.
+func Example() {
+	listener, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer listener.Close()
+	go pongServer(listener)
+
+	// Connect to a server
+	conn, _ := net.Dial("tcp", listener.Addr().String())
+
+	// Create a stream
+	stream := packet.NewStream(1024)
+	stream.SetConnection(conn)
+
+	// Send a message
+	stream.Outgoing <- packet.New(0, []byte("ping"))
+
+	// Receive message
+	msg := <-stream.Incoming
+
+	// Check message contents
+	fmt.Println(string(msg.Data))
+	stream.Close()
+	// Output: pong
+}
+
+// pongServer answers the first packet on one connection with pong.
+func pongServer(listener net.Listener) {
+	conn, err := listener.Accept()
+	if err != nil {
+		return
+	}
+	server := packet.NewStream(1024)
+	server.SetConnection(conn)
+	if _, ok := <-server.Incoming; ok {
+		server.Outgoing <- packet.New(0, []byte("pong"))
+	}
+	server.Close()
+}
+
+// ExampleStream_SetConnection shows the original README's hot swap: a packet
+// sent while the server is down waits for the new connection.
+func ExampleStream_SetConnection() {
+	listener, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer listener.Close()
+	accepted := make(chan net.Conn)
+	go func() {
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- conn
+		}
+	}()
+
+	client := packet.NewStream(1024)
+	defer client.Close()
+	disconnected := make(chan struct{}, 1)
+	client.OnError(func(packet.IOError) { disconnected <- struct{}{} })
+	conn, _ := net.Dial("tcp", listener.Addr().String())
+	client.SetConnection(conn)
+	server := <-accepted
+
+	// Close server connection to simulate server death
+	server.Close()
+	<-disconnected
+
+	// Send packet while server is down (will be buffered until it reconnects)
+	client.Outgoing <- packet.New(0, []byte("ping"))
+
+	// Reconnect
+	newServer, _ := net.Dial("tcp", listener.Addr().String())
+
+	// Hot-swap connection
+	client.SetConnection(newServer)
+
+	// The previously buffered messages in the Outgoing channel will be sent now.
+	serverSide := <-accepted
+	defer serverSide.Close()
+	msg, _ := packet.NewDecoder(serverSide).Decode()
+	fmt.Println(string(msg.Data))
+	// Output: ping
+}
