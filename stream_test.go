@@ -1,6 +1,7 @@
 package packet_test
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -18,6 +19,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -762,4 +764,206 @@ func ExampleStream_SetConnection() {
 	msg, _ := packet.NewDecoder(serverSide).Decode()
 	fmt.Println(string(msg.Data))
 	// Output: ping
+}
+
+// udpPair returns two loopback UDP sockets connected to each other.
+func udpPair(t testing.TB) (*net.UDPConn, *net.UDPConn) {
+	t.Helper()
+	loopback := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}
+	a, err := net.ListenUDP("udp", loopback)
+	require.NoError(t, err)
+	b, err := net.DialUDP("udp", loopback, a.LocalAddr().(*net.UDPAddr))
+	require.NoError(t, err)
+	// Connect a to b by opening it again on the same address.
+	addr := a.LocalAddr().(*net.UDPAddr)
+	a.Close()
+	a, err = net.DialUDP("udp", addr, b.LocalAddr().(*net.UDPAddr))
+	require.NoError(t, err)
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a, b
+}
+
+// udpStreams returns two streams talking over loopback UDP.
+func udpStreams(t testing.TB, size int) (*packet.Stream, *packet.Stream) {
+	a, b := udpPair(t)
+	sender, receiver := newStream(t, size), newStream(t, size)
+	sender.SetConnection(a)
+	receiver.SetConnection(b)
+	return sender, receiver
+}
+
+// Over UDP, numbered packets arrive intact and in order: loopback neither
+// drops nor reorders datagrams that the receiver keeps up with.
+func TestUDPNumbered(t *testing.T) {
+	sender, receiver := udpStreams(t, 1000)
+	errs := collectErrors(receiver)
+	for i := range 1000 {
+		sender.Outgoing <- numbered(i, 100)
+	}
+	for i := range 1000 {
+		p := receive(t, receiver)
+		require.Equal(t, i, number(p))
+		require.Len(t, p.Data, 100)
+	}
+	assert.Empty(t, errs)
+}
+
+// Over UDP, payloads up to what a datagram holds arrive intact.
+func TestUDPSizes(t *testing.T) {
+	sender, receiver := udpStreams(t, 16)
+	for _, size := range []int{0, 1, 1400, 1500, 60000, 65507 - packet.HeaderSize} {
+		data := make([]byte, size)
+		rand.Read(data)
+		sender.Outgoing <- packet.New(7, data)
+		p := receive(t, receiver)
+		assert.Equal(t, byte(7), p.Type)
+		assert.True(t, bytes.Equal(data, p.Data), "payload of %d bytes", size)
+	}
+}
+
+// A packet too large for a datagram is reported and skipped; the stream goes
+// on with the next one over the same connection.
+func TestUDPTooLarge(t *testing.T) {
+	sender, receiver := udpStreams(t, 16)
+	errs := collectErrors(sender)
+	sender.Outgoing <- packet.New(1, make([]byte, 70000))
+	sender.Outgoing <- packet.New(2, []byte("next"))
+
+	e := receiveError(t, errs)
+	assert.ErrorIs(t, e.Error, packet.ErrTooLarge)
+	assert.Equal(t, sender.Connection(), e.Connection)
+	p := receive(t, receiver)
+	assert.Equal(t, "next", string(p.Data))
+	sender.Outgoing <- packet.New(3, []byte("still up"))
+	assert.Equal(t, "still up", string(receive(t, receiver).Data))
+	assert.Empty(t, errs)
+}
+
+// A malformed datagram is reported and skipped, and the good datagrams
+// around it, with one packet or several, are delivered.
+func TestUDPMalformed(t *testing.T) {
+	a, b := udpPair(t)
+	receiver := newStream(t, 16)
+	receiver.SetMaxSize(1000)
+	errs := collectErrors(receiver)
+	receiver.SetConnection(b)
+
+	one := packet.New(1, []byte("one")).Bytes()
+	two := append(packet.New(2, []byte("two")).Bytes(), packet.New(3, nil).Bytes()...)
+	bad := map[string]struct {
+		datagram []byte
+		err      error
+	}{
+		"claims more than present": {append(packet.New(9, []byte("abc")).Bytes(), 0, 0, 0, 0, 0, 0, 0, 0, 99, 'x'), packet.ErrMalformed},
+		"trailing bytes":           {append(packet.New(9, nil).Bytes(), 1, 2, 3), packet.ErrMalformed},
+		"negative length":          {[]byte{9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, packet.ErrNegativeLength},
+		"over the limit":           {packet.New(9, make([]byte, 1001)).Bytes(), packet.ErrTooLarge},
+	}
+	for name, tc := range bad {
+		_, err := a.Write(one)
+		require.NoError(t, err)
+		_, err = a.Write(tc.datagram)
+		require.NoError(t, err)
+		_, err = a.Write(two)
+		require.NoError(t, err)
+
+		assert.Equal(t, "one", string(receive(t, receiver).Data), name)
+		e := receiveError(t, errs)
+		assert.ErrorIs(t, e.Error, tc.err, name)
+		assert.Equal(t, b, e.Connection)
+		assert.Equal(t, "two", string(receive(t, receiver).Data), name)
+		assert.Equal(t, byte(3), receive(t, receiver).Type, name)
+	}
+	assert.Empty(t, errs)
+}
+
+// Streams work over unixgram socket pairs too.
+func TestUnixgram(t *testing.T) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_DGRAM, 0)
+	require.NoError(t, err)
+	conn := func(fd int) net.Conn {
+		f := os.NewFile(uintptr(fd), "unixgram")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		require.NoError(t, err)
+		require.Equal(t, "unixgram", c.LocalAddr().Network())
+		return c
+	}
+	ca, cb := conn(fds[0]), conn(fds[1])
+	t.Cleanup(func() { ca.Close(); cb.Close() })
+
+	sender, receiver := newStream(t, 64), newStream(t, 64)
+	sender.SetConnection(ca)
+	receiver.SetConnection(cb)
+	// A unixgram sender blocks while the receiver's queue is full.
+	go func() {
+		for i := range 200 {
+			sender.Outgoing <- numbered(i, 100+i*100)
+		}
+	}()
+	for i := range 200 {
+		p := receive(t, receiver)
+		require.Equal(t, i, number(p))
+		require.Len(t, p.Data, 100+i*100)
+	}
+}
+
+// A UDP stream swaps to a new socket like a TCP one.
+func TestUDPHotSwap(t *testing.T) {
+	a1, peer1 := udpPair(t)
+	a2, peer2 := udpPair(t)
+	s := newStream(t, 16)
+	errs := collectErrors(s)
+	s.SetConnection(a1)
+	s.Outgoing <- packet.New(1, []byte("first"))
+	buf := make([]byte, 100)
+	n, err := peer1.Read(buf)
+	require.NoError(t, err)
+	assert.Equal(t, packet.New(1, []byte("first")).Bytes(), buf[:n])
+
+	s.SetConnection(a2)
+	s.Outgoing <- packet.New(2, []byte("second"))
+	n, err = peer2.Read(buf)
+	require.NoError(t, err)
+	assert.Equal(t, packet.New(2, []byte("second")).Bytes(), buf[:n])
+	_, err = a1.Write([]byte("x"))
+	assert.ErrorIs(t, err, net.ErrClosed, "the old socket was closed")
+
+	peer2.Write(packet.New(3, []byte("back")).Bytes())
+	assert.Equal(t, "back", string(receive(t, s).Data))
+	assert.Empty(t, errs)
+}
+
+// "Connection refused" that UDP reports when nobody listens is reported like
+// any failure, and packets queued afterwards go out on the next connection.
+func TestUDPRefused(t *testing.T) {
+	ln, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	require.NoError(t, err)
+	nobody := ln.LocalAddr().(*net.UDPAddr)
+	ln.Close()
+	c, err := net.DialUDP("udp", nil, nobody)
+	require.NoError(t, err)
+
+	s := newStream(t, 16)
+	errs := collectErrors(s)
+	s.SetConnection(c)
+	s.Outgoing <- packet.New(1, []byte("into the void"))
+	e := receiveError(t, errs)
+	assert.ErrorIs(t, e.Error, syscall.ECONNREFUSED)
+	assert.Equal(t, c, e.Connection)
+
+	s.Outgoing <- packet.New(2, []byte("queued"))
+	a, peer := udpPair(t)
+	s.SetConnection(a)
+	buf := make([]byte, 100)
+	for {
+		n, err := peer.Read(buf)
+		require.NoError(t, err)
+		p, err := packet.NewDecoder(bytes.NewReader(buf[:n])).Decode()
+		require.NoError(t, err)
+		if p.Type == 2 {
+			assert.Equal(t, "queued", string(p.Data))
+			break
+		}
+	}
 }
