@@ -270,6 +270,9 @@ func (s *Stream) writeLoop() {
 			continue
 		}
 		if len(pending) == 0 {
+			pending = s.drain(pending)
+		}
+		if len(pending) == 0 {
 			select {
 			case p := <-s.outgoing:
 				pending = append(pending, p)
@@ -467,7 +470,8 @@ func (s *Stream) readLoop(l *link, maxSize int) {
 		s.readDatagrams(l, maxSize)
 		return
 	}
-	d := NewDecoder(&connReader{conn: l.conn})
+	cr := &connReader{conn: l.conn}
+	d := NewDecoder(cr)
 	d.SetMaxSize(maxSize)
 	for {
 		p, err := d.Decode()
@@ -477,6 +481,13 @@ func (s *Stream) readLoop(l *link, maxSize int) {
 		}
 		if !s.deliver(p) {
 			return
+		}
+		if cr.r == cr.w {
+			// The next read is likely to wait. Let the receiver just woken
+			// run here first: otherwise another processor is woken to
+			// steal it while this one makes the system call, and the
+			// hand-over costs several microseconds.
+			runtime.Gosched()
 		}
 	}
 }
@@ -507,6 +518,12 @@ func (s *Stream) readDatagrams(l *link, maxSize int) {
 
 // deliver sends p on Incoming unless the stream closes first.
 func (s *Stream) deliver(p *Packet) bool {
+	// Try the send alone first: a select over two channels locks both.
+	select {
+	case s.incoming <- p:
+		return true
+	default:
+	}
 	select {
 	case s.incoming <- p:
 		return true

@@ -1040,6 +1040,36 @@ func BenchmarkStreamPingPong(b *testing.B) {
 	}
 }
 
+// BenchmarkConnPingPong is BenchmarkStreamPingPong on a bare connection,
+// with the same bytes on the wire: the reference for the stream's latency.
+func BenchmarkConnPingPong(b *testing.B) {
+	client, server := tcpPair(b)
+	go func() {
+		buf := make([]byte, packet.HeaderSize+16)
+		for {
+			if _, err := io.ReadFull(server, buf); err != nil {
+				return
+			}
+			if _, err := server.Write(buf); err != nil {
+				return
+			}
+		}
+	}()
+	msg := packet.New(1, make([]byte, 16)).Bytes()
+	buf := make([]byte, len(msg))
+	b.ReportAllocs()
+	b.SetBytes(16)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := client.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(client, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkUDP sends 16 byte packets over loopback UDP, in windows small
 // enough that no datagram is dropped for want of buffer space.
 func BenchmarkUDP(b *testing.B) {
@@ -1054,10 +1084,11 @@ func BenchmarkUDP(b *testing.B) {
 		for range n {
 			sender.Outgoing <- p
 		}
+		lost := time.After(5 * time.Second)
 		for range n {
 			select {
 			case <-receiver.Incoming:
-			case <-time.After(5 * time.Second):
+			case <-lost:
 				b.Fatalf("a datagram was lost after %d packets", done)
 			}
 		}
