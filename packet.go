@@ -1,3 +1,18 @@
+// Package packet sends typed packets over a network connection and keeps
+// sending across reconnects.
+//
+// A Packet is a type byte and a payload; its wire encoding is the type, an
+// 8 byte big-endian signed length, and the payload. A Decoder reads packets
+// from any io.Reader within a size limit.
+//
+// A Stream carries packets over a connection that can be replaced while it
+// runs: send on its Outgoing channel, receive from Incoming, and when the
+// connection drops, dial again and hand the new one to SetConnection. Packets
+// queued meanwhile go out on the new connection. Any number of goroutines may
+// send on Outgoing and call the Stream's methods; the Stream is the only
+// receiver on Outgoing and the only sender on Incoming, and it closes
+// Incoming after Close. It owns the connections it is given and closes them.
+// Over UDP or unixgram, each datagram carries whole packets.
 package packet
 
 import (

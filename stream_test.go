@@ -983,7 +983,7 @@ func tcpStreams(b *testing.B, size int) (*packet.Stream, *packet.Stream) {
 func BenchmarkStreamOneWay(b *testing.B) {
 	for _, bs := range benchSizes {
 		b.Run(bs.name, func(b *testing.B) {
-			sender, receiver := tcpStreams(b, 1024)
+			sender, receiver := tcpStreams(b, 16)
 			p := packet.New(1, make([]byte, bs.n))
 			b.ReportAllocs()
 			b.SetBytes(int64(bs.n))
