@@ -301,6 +301,29 @@ func TestDecodeSizes(t *testing.T) {
 	}
 }
 
+// Once a reader has sent as many bytes as a large payload claims, the
+// decoder allocates the payload whole; before that it grows it as bytes
+// arrive. Both ways give the same packets.
+func TestDecodeLargeAfterTraffic(t *testing.T) {
+	sizes := []int{300 << 10, 100 << 10, 300 << 10, 1<<20 + 5, 70 << 10}
+	var stream bytes.Buffer
+	var want [][]byte
+	for i, n := range sizes {
+		data := testPayload(n, byte(i))
+		want = append(want, data)
+		stream.Write(packet.New(byte(i), data).Bytes())
+	}
+	d := packet.NewDecoder(iotest.HalfReader(&stream))
+	for i := range sizes {
+		p, err := d.Decode()
+		require.NoError(t, err)
+		assert.Equal(t, byte(i), p.Type)
+		assertPayload(t, want[i], p.Data)
+	}
+	_, err := d.Decode()
+	assert.Equal(t, io.EOF, err)
+}
+
 func TestShortReads(t *testing.T) {
 	var stream []byte
 	var want []*packet.Packet

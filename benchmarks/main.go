@@ -26,7 +26,7 @@ func main() {
 		return
 	}
 
-	p := params{runs: 5, dur: 400 * time.Millisecond, conns: 10_000, rounds: 5}
+	p := params{runs: 7, dur: 400 * time.Millisecond, conns: 10_000, rounds: 5}
 	if *quick {
 		p = params{runs: 1, dur: 50 * time.Millisecond, conns: 500, rounds: 2}
 	}
