@@ -34,8 +34,7 @@ import (
 //     application that must not lose a packet acknowledges it.
 //   - Hot swap: SetConnection retires the current connection (the stream
 //     closes the connections it was given) and every later write goes to the
-//     new one. Packets already read from the old connection are still
-//     delivered.
+//     new one.
 //   - One report per failure: when a connection fails, including a peer's
 //     orderly close (reported as io.EOF), the stream closes it and calls
 //     every OnError callback once, in registration order, with that

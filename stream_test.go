@@ -190,9 +190,7 @@ func (c *faultConn) Write(p []byte) (int, error) {
 // Guarantee 1: packets arrive in the order they were queued.
 func TestOrder(t *testing.T) {
 	a, b := tcpPair(t)
-	sender, receiver := newStream(t, 64), newStream(t, 64)
-	sender.SetConnection(a)
-	receiver.SetConnection(b)
+	sender, receiver := streamsOn(t, a, b, 64)
 
 	const n = 20000
 	go func() {
@@ -631,9 +629,7 @@ func TestConnectionKinds(t *testing.T) {
 	for name, pair := range kinds {
 		t.Run(name, func(t *testing.T) {
 			a, b := pair(t)
-			client, server := newStream(t, 16), newStream(t, 16)
-			client.SetConnection(a)
-			server.SetConnection(b)
+			client, server := streamsOn(t, a, b, 16)
 			// Send, echo and receive at once: net.Pipe holds nothing.
 			go func() {
 				for i := range 100 {
@@ -786,10 +782,15 @@ func udpPair(t testing.TB) (*net.UDPConn, *net.UDPConn) {
 // udpStreams returns two streams talking over loopback UDP.
 func udpStreams(t testing.TB, size int) (*packet.Stream, *packet.Stream) {
 	a, b := udpPair(t)
-	sender, receiver := newStream(t, size), newStream(t, size)
-	sender.SetConnection(a)
-	receiver.SetConnection(b)
-	return sender, receiver
+	return streamsOn(t, a, b, size)
+}
+
+// streamsOn returns two streams, on a and on b.
+func streamsOn(t testing.TB, a, b net.Conn, size int) (*packet.Stream, *packet.Stream) {
+	sa, sb := newStream(t, size), newStream(t, size)
+	sa.SetConnection(a)
+	sb.SetConnection(b)
+	return sa, sb
 }
 
 // Over UDP, numbered packets arrive intact and in order: loopback neither
@@ -892,9 +893,7 @@ func TestUnixgram(t *testing.T) {
 	ca, cb := conn(fds[0]), conn(fds[1])
 	t.Cleanup(func() { ca.Close(); cb.Close() })
 
-	sender, receiver := newStream(t, 64), newStream(t, 64)
-	sender.SetConnection(ca)
-	receiver.SetConnection(cb)
+	sender, receiver := streamsOn(t, ca, cb, 64)
 	// A unixgram sender blocks while the receiver's queue is full.
 	go func() {
 		for i := range 200 {
@@ -971,10 +970,7 @@ func TestUDPRefused(t *testing.T) {
 // tcpStreams returns two streams talking over loopback TCP.
 func tcpStreams(b *testing.B, size int) (*packet.Stream, *packet.Stream) {
 	a, c := tcpPair(b)
-	sender, receiver := newStream(b, size), newStream(b, size)
-	sender.SetConnection(a)
-	receiver.SetConnection(c)
-	return sender, receiver
+	return streamsOn(b, a, c, size)
 }
 
 // BenchmarkStreamOneWay sends packets from one stream to another over
