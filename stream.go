@@ -268,20 +268,16 @@ func (s *Stream) writeLoop() {
 			}
 			continue
 		}
-		if len(pending) == 0 {
-			pending = s.drain(pending)
-		}
-		if len(pending) == 0 {
+		if pending = s.drain(pending); len(pending) == 0 {
 			select {
 			case p := <-s.outgoing:
-				pending = append(pending, p)
+				pending = s.drain(append(pending, p))
 			case <-l.done:
 				continue
 			case <-s.closing:
 				continue
 			}
 		}
-		pending = s.drain(pending)
 		var err error
 		if pending, err = s.send(l, pending); err != nil {
 			s.fail(l, err)
