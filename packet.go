@@ -167,9 +167,9 @@ func (d *Decoder) Reset(r io.Reader) {
 // payload over 64 KiB is allocated whole only once the decoder has read at
 // least as many bytes from its reader; until then its buffer grows fourfold
 // at a time as bytes arrive. Payloads up to 2 KiB share a larger block with
-// the payloads of other packets, and Packet values are allocated in groups,
-// so a caller that keeps one small packet keeps its block (32 KiB at most)
-// alive.
+// the payloads of other packets, and their Packet values are allocated in
+// groups, so a caller that keeps one small packet keeps its block (32 KiB at
+// most) and the small payloads of its group (128 KiB at most) alive.
 // Every returned packet and payload is the caller's: the decoder never
 // writes to them again.
 func (d *Decoder) Decode() (*Packet, error) {
@@ -236,8 +236,14 @@ func (d *Decoder) alloc(n int) []byte {
 	return b
 }
 
-// newPacket returns a packet carved from the current group of Packet values.
+// newPacket returns a packet for data. A packet with a small payload is
+// carved from the current group of Packet values; one with a larger payload
+// gets its own, since a group keeps every payload its packets point to
+// alive for as long as any of them is kept.
 func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
+	if len(data) > slabMax {
+		return &Packet{Type: typ, Data: data}
+	}
 	if len(d.packets) == 0 {
 		d.packets = make([]Packet, packetBlock)
 	}

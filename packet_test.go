@@ -301,6 +301,31 @@ func TestDecodeSizes(t *testing.T) {
 	}
 }
 
+// A decoder keeps no large payload alive once the caller has dropped its
+// packet: 64 packets of 256 KiB, dropped as they come, leave the heap about
+// where it was.
+func TestDecodeRetainsNoPayload(t *testing.T) {
+	const n, size = 64, 256 << 10
+	var stream bytes.Buffer
+	for i := range n {
+		stream.Write(packet.New(byte(i), testPayload(size, byte(i))).Bytes())
+	}
+	d := packet.NewDecoder(&stream)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for range n {
+		p, err := d.Decode()
+		require.NoError(t, err)
+		require.Len(t, p.Data, size)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	grown := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+	assert.Less(t, grown, int64(4*size), "the decoder keeps %d bytes alive", grown)
+	runtime.KeepAlive(d)
+}
+
 // Once a reader has sent as many bytes as a large payload claims, the
 // decoder allocates the payload whole; before that it grows it as bytes
 // arrive. Both ways give the same packets.
