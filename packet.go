@@ -92,10 +92,6 @@ const (
 	copyLimit = 16 << 10
 )
 
-// blockPool holds blockSize buffers: a stream's read and write buffers, and
-// the chunks a large payload is gathered in before its final slice exists.
-var blockPool = sync.Pool{New: func() any { b := make([]byte, blockSize); return &b }}
-
 // smallPool holds buffers for encoding one small packet in Write.
 var smallPool = sync.Pool{New: func() any { b := make([]byte, 0, HeaderSize+copyLimit); return &b }}
 

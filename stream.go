@@ -100,6 +100,20 @@ type link struct {
 	retired  bool          // guarded by Stream.mu
 }
 
+// connReader is a buffered reader over one connection. An idle connection is
+// read into a small array; a pooled block is taken only while data keeps
+// coming and is given back when it runs empty, so an idle stream holds little
+// memory.
+type connReader struct {
+	conn  net.Conn
+	buf   []byte // unread bytes are buf[r:w]
+	r, w  int
+	err   error // from the last read, returned once buf is empty
+	busy  bool  // the last read filled the small array, so more is likely waiting
+	block *[]byte
+	small [smallRead]byte
+}
+
 const (
 	// CloseTimeout bounds how long Close waits to send what is queued.
 	CloseTimeout = time.Second
@@ -119,6 +133,10 @@ const (
 	// empty.
 	directRead = 4 << 10
 )
+
+// blockPool holds blockSize buffers for the streams' readers and writers,
+// taken only while there is something to read or write.
+var blockPool = sync.Pool{New: func() any { b := make([]byte, blockSize); return &b }}
 
 // NewStream returns a stream without a connection whose Incoming and
 // Outgoing channels hold channelBufferSize packets each.
@@ -627,20 +645,6 @@ func isDatagram(conn net.Conn) bool {
 		return true
 	}
 	return false
-}
-
-// connReader is a buffered reader over one connection. An idle connection is
-// read into a small array; a pooled block is taken only while data keeps
-// coming and is given back when it runs empty, so an idle stream holds little
-// memory.
-type connReader struct {
-	conn  net.Conn
-	buf   []byte // unread bytes are buf[r:w]
-	r, w  int
-	err   error // from the last read, returned once buf is empty
-	busy  bool  // the last read filled the small array, so more is likely waiting
-	block *[]byte
-	small [smallRead]byte
 }
 
 // Read reads from the buffer, refilling it from the connection when empty.
