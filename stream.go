@@ -392,7 +392,8 @@ func (s *Stream) send(l *link, pending []*Packet) ([]*Packet, error) {
 	var done int
 	var err error
 	if l.datagram {
-		done, err = s.sendDatagrams(l, pending, (*bp)[:0])
+		pending = s.dropOversized(l, pending)
+		done, err = sendDatagrams(l.conn, pending, (*bp)[:0])
 	} else {
 		done, err = s.sendStream(l.conn, pending, (*bp)[:0])
 	}
@@ -445,21 +446,29 @@ func (s *Stream) sendStream(conn net.Conn, pending []*Packet, buf []byte) (int, 
 	return done, err
 }
 
-// sendDatagrams writes pending as datagrams, packing small packets together.
-// A packet too large for a datagram is reported and counted as done.
-func (s *Stream) sendDatagrams(l *link, pending []*Packet, buf []byte) (int, error) {
-	first := 0 // the first packet in buf
-	for i, p := range pending {
-		size := HeaderSize + len(p.Data)
-		if size > maxDatagram {
+// dropOversized reports and removes the packets too large for a datagram,
+// keeping the others in order.
+func (s *Stream) dropOversized(l *link, pending []*Packet) []*Packet {
+	kept := pending[:0]
+	for _, p := range pending {
+		if size := HeaderSize + len(p.Data); size > maxDatagram {
 			s.report(l, fmt.Errorf("%w: %d bytes do not fit in a datagram of %d", ErrTooLarge, size, maxDatagram))
-			if first == i {
-				first++
-			}
 			continue
 		}
-		if len(buf) > 0 && len(buf)+size > datagramSize {
-			if _, err := l.conn.Write(buf); err != nil {
+		kept = append(kept, p)
+	}
+	clear(pending[len(kept):])
+	return kept
+}
+
+// sendDatagrams writes pending as datagrams, packing small packets together
+// up to datagramSize; a larger packet goes alone. It returns how many packets
+// were sent.
+func sendDatagrams(conn net.Conn, pending []*Packet, buf []byte) (int, error) {
+	first := 0 // the first packet in buf
+	for i, p := range pending {
+		if len(buf) > 0 && len(buf)+HeaderSize+len(p.Data) > datagramSize {
+			if _, err := conn.Write(buf); err != nil {
 				return first, err
 			}
 			buf, first = buf[:0], i
@@ -468,7 +477,7 @@ func (s *Stream) sendDatagrams(l *link, pending []*Packet, buf []byte) (int, err
 		buf = append(buf, p.Data...)
 	}
 	if len(buf) > 0 {
-		if _, err := l.conn.Write(buf); err != nil {
+		if _, err := conn.Write(buf); err != nil {
 			return first, err
 		}
 	}
