@@ -123,6 +123,29 @@ func TestPacketWriteLarge(t *testing.T) {
 	}
 }
 
+// countingWriter counts the Write calls it gets.
+type countingWriter struct {
+	bytes.Buffer
+	calls int
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	w.calls++
+	return w.Buffer.Write(p)
+}
+
+// A packet with a payload up to 16 KiB goes out in one Write call, header
+// and payload together.
+func TestPacketWriteOneCall(t *testing.T) {
+	for _, n := range []int{0, 4, 1000, 16 << 10} {
+		w := &countingWriter{}
+		p := packet.New(7, testPayload(n, 1))
+		require.NoError(t, p.Write(w))
+		assert.Equal(t, 1, w.calls, "payload of %d bytes", n)
+		assert.Equal(t, p.Bytes(), w.Bytes())
+	}
+}
+
 // TestPacketWriteTCP writes to a real TCP connection, where large payloads
 // go out with writev.
 func TestPacketWriteTCP(t *testing.T) {

@@ -224,6 +224,36 @@ func TestQueuedBeforeConnection(t *testing.T) {
 	}
 }
 
+// The writer sends what waits in Outgoing with one write: 100 queued packets
+// cost one system call, not 100.
+func TestQueuedPacketsGoOutInOneWrite(t *testing.T) {
+	s := newStream(t, 100)
+	for i := range 100 {
+		s.Outgoing <- numbered(i, 8)
+	}
+	a, peer := tcpPair(t)
+	counted := &countingConn{Conn: a}
+	s.SetConnection(counted)
+	got := make(chan int, 100)
+	go readNumbers(peer, got)
+	for i := range 100 {
+		assert.Equal(t, i, <-got)
+	}
+	require.NoError(t, s.Close())
+	assert.Equal(t, int32(1), counted.writes.Load())
+}
+
+// countingConn counts the Write calls on a connection.
+type countingConn struct {
+	net.Conn
+	writes atomic.Int32
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	return c.Conn.Write(p)
+}
+
 // Guarantee 2: packets queued while the connection is down go out, in order,
 // on the next one.
 func TestQueuedWhileDown(t *testing.T) {
