@@ -59,7 +59,8 @@ const HeaderSize = 9
 // told otherwise: 16 MiB.
 const DefaultMaxSize = 16 << 20
 
-// Errors a Decoder returns, wrapped with detail; match them with errors.Is.
+// Errors of this package, wrapped with detail where they are returned or
+// reported; match them with errors.Is.
 var (
 	// ErrTooLarge means a payload is longer than the limit in force: the
 	// decoder's or stream's maximum, or what fits in one datagram.
@@ -81,9 +82,10 @@ const (
 	// slabMax is the largest payload carved from a block; larger ones get
 	// their own allocation.
 	slabMax = 2 << 10
-	// blockSize is the size of the pooled buffers used for reading and
-	// writing. It is also the largest payload allocated as soon as its header
-	// arrives: beyond it, memory grows only as bytes actually arrive.
+	// blockSize is the size of the pooled buffers a stream reads and writes
+	// with. It is also the largest payload allocated as soon as its header
+	// arrives; a larger one is allocated whole only once the decoder has read
+	// as many bytes, and grows as its bytes arrive until then.
 	blockSize = 64 << 10
 	// packetBlock is how many Packet values are allocated at once.
 	packetBlock = 64
