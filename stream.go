@@ -493,6 +493,7 @@ func (s *Stream) readLoop(l *link, maxSize int) {
 		return
 	}
 	cr := &connReader{conn: l.conn}
+	defer cr.release()
 	d := NewDecoder(cr)
 	d.SetMaxSize(maxSize)
 	for {
@@ -504,7 +505,7 @@ func (s *Stream) readLoop(l *link, maxSize int) {
 		if !s.deliver(p) {
 			return
 		}
-		if cr.r == cr.w {
+		if cr.empty() {
 			// The next read is likely to wait. Let the receiver just woken
 			// run here first: otherwise another processor is woken to
 			// steal it while this one makes the system call, and the
@@ -688,10 +689,7 @@ func (c *connReader) fill() error {
 		}
 		c.buf = *c.block
 	} else {
-		if c.block != nil {
-			blockPool.Put(c.block)
-			c.block = nil
-		}
+		c.release()
 		c.buf = c.small[:]
 	}
 	n, err := c.conn.Read(c.buf)
@@ -702,4 +700,18 @@ func (c *connReader) fill() error {
 	}
 	c.err = err
 	return nil
+}
+
+// empty tells whether everything read has been consumed.
+func (c *connReader) empty() bool {
+	return c.r == c.w
+}
+
+// release gives the pooled block back. The reader must not be using it:
+// decoded payloads are copies, so nothing refers to it afterwards.
+func (c *connReader) release() {
+	if c.block != nil {
+		blockPool.Put(c.block)
+		c.block = nil
+	}
 }
