@@ -319,9 +319,9 @@ func (s *Stream) finish(l *link, pending []*Packet) {
 	}
 	if unsent := len(pending) + len(s.outgoing); unsent > 0 {
 		if err != nil {
-			err = fmt.Errorf("%w: %d packets: %w", ErrUnsent, unsent, err)
+			err = fmt.Errorf("%w: %d: %w", ErrUnsent, unsent, err)
 		} else {
-			err = fmt.Errorf("%w: %d packets", ErrUnsent, unsent)
+			err = fmt.Errorf("%w: %d", ErrUnsent, unsent)
 		}
 	}
 

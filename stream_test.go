@@ -269,6 +269,7 @@ func TestQueuedWhileDown(t *testing.T) {
 	e := receiveError(t, errs)
 	assert.ErrorIs(t, e.Error, io.EOF, "a peer's orderly close is reported as io.EOF")
 	assert.Equal(t, a, e.Connection)
+	assert.Equal(t, a, s.Connection(), "Connection keeps the last connection given")
 
 	for i := range 100 {
 		s.Outgoing <- numbered(i, 8)
@@ -280,6 +281,27 @@ func TestQueuedWhileDown(t *testing.T) {
 	for i := range 100 {
 		assert.Equal(t, i, <-got)
 	}
+}
+
+// SetConnection(nil) retires the live connection without a report, and
+// packets queued afterwards wait for the next one.
+func TestSetConnectionNil(t *testing.T) {
+	s := newStream(t, 16)
+	errs := collectErrors(s)
+	a, peerA := tcpPair(t)
+	s.SetConnection(a)
+	s.SetConnection(nil)
+	_, err := peerA.Read(make([]byte, 1))
+	assert.ErrorIs(t, err, io.EOF, "the retired connection was closed")
+
+	s.Outgoing <- packet.New(5, []byte("waits"))
+	b, peerB := tcpPair(t)
+	s.SetConnection(b)
+	p, err := packet.NewDecoder(peerB).Decode()
+	require.NoError(t, err)
+	assert.Equal(t, "waits", string(p.Data))
+	require.NoError(t, s.Close())
+	assert.Empty(t, errs)
 }
 
 // Guarantee 3: a swap closes the old connection, sends later packets on the
@@ -509,6 +531,32 @@ func TestCloseFromCallback(t *testing.T) {
 	assert.NoError(t, s.Close())
 }
 
+// Close called from a callback that runs on the writer returns at once; what
+// the writer then could not send is reported through OnError, without a
+// connection, so it is not dropped silently.
+func TestCloseFromWriterCallbackReportsUnsent(t *testing.T) {
+	a, peer := tcpPair(t)
+	go io.Copy(io.Discard, peer)
+	s := packet.NewStream(16)
+	reports := make(chan packet.IOError, 4)
+	closed := make(chan error, 4)
+	s.OnError(func(e packet.IOError) {
+		reports <- e
+		closed <- s.Close()
+	})
+	s.Outgoing <- packet.New(1, []byte("fails"))
+	s.SetConnection(&faultConn{Conn: a, failAt: 1})
+
+	first := receiveError(t, reports)
+	assert.ErrorIs(t, first.Error, errFault)
+	assert.NoError(t, <-closed, "Close from the writer's callback returns at once")
+	late := receiveError(t, reports)
+	assert.ErrorIs(t, late.Error, packet.ErrUnsent)
+	assert.Equal(t, "packet: stream closed with packets unsent: 1", late.Error.Error())
+	assert.Nil(t, late.Connection)
+	assert.Empty(t, waitForStreamGoroutines(5*time.Second))
+}
+
 // Guarantee 7: Close sends what is queued, closes the connection and
 // Incoming, and leaves no goroutine behind.
 func TestCloseFlushes(t *testing.T) {
@@ -547,7 +595,7 @@ func TestCloseWithoutConnection(t *testing.T) {
 	s.Outgoing <- packet.New(0, nil)
 	err := s.Close()
 	require.ErrorIs(t, err, packet.ErrUnsent)
-	assert.Contains(t, err.Error(), "2 packets")
+	assert.Equal(t, "packet: stream closed with packets unsent: 2", err.Error())
 	assert.Nil(t, s.Connection())
 
 	// A connection given after Close is closed, not used.
