@@ -41,11 +41,12 @@ type kind struct {
 	fixed bool
 }
 
-// kinds lists what is compared. The baseline comes first: ratios are taken
-// to it (to bare for ping-pong).
+// kinds lists what is compared. The baselines come first: ratios are taken
+// to stdlib (to bare for ping-pong) and to floor.
 var kinds = []kind{
 	{name: "net.Conn", serve: acceptLoop(newBare), dial: dialWith(newBare), fixed: true},
 	{name: "stdlib", serve: acceptLoop(newBuffered), dial: dialWith(newBuffered)},
+	{name: "floor", serve: acceptLoop(newFloorEnd), dial: dialWith(newFloorEnd)},
 	{name: "packet", serve: acceptLoop(newStream), dial: dialWith(newStream)},
 	{name: "go-msgio", serve: acceptLoop(newMsgio), dial: dialWith(newMsgio)},
 	{name: "websocket", serve: serveWebsocket, dial: dialWebsocket},
@@ -204,6 +205,32 @@ func (e *stream) recv() (byte, []byte, error) {
 }
 
 func (e *stream) close() error { return e.s.Close() }
+
+// floorEnd is the design's floor (see floor.go), used as the library is:
+// channels of 16 each way, a packet.New for every message sent.
+type floorEnd struct {
+	f *floor
+}
+
+func newFloorEnd(c net.Conn) endpoint { return floorEnd{newFloor(c, 16)} }
+
+func (e floorEnd) send(typ byte, data []byte) error {
+	e.f.Outgoing <- packet.New(typ, data)
+	return nil
+}
+
+// flush does nothing: the floor's writer sends whatever is queued.
+func (e floorEnd) flush() error { return nil }
+
+func (e floorEnd) recv() (byte, []byte, error) {
+	p, ok := <-e.f.Incoming
+	if !ok {
+		return 0, nil, io.EOF
+	}
+	return p.Type, p.Data, nil
+}
+
+func (e floorEnd) close() error { return e.f.Close() }
 
 // framed carries the type as the first byte of each message, for the
 // libraries that frame messages but have no type: the sender copies type and

@@ -57,11 +57,11 @@ func oneWay(p params) {
 			}
 		}
 	}
-	t := newTable("1. One-way throughput, server to client (ratio: msgs/s over stdlib's; higher is faster)",
-		"payload\tlibrary\tmsgs/s\tMB/s\tratio")
+	t := newTable("1. One-way throughput, server to client (ratios: msgs/s over stdlib's and floor's; higher is faster)",
+		"payload\tlibrary\tmsgs/s\tMB/s\tvs stdlib\tvs floor")
 	for _, label := range s.labels {
-		v, base := s.median(label), s.median(baseOf(label, "stdlib"))
-		t.row("%s\t%s\t%.0f\t%s", label, count3(v[0]), v[1], ratio(v[0], base[0]))
+		v, base, fl := s.median(label), s.median(baseOf(label, "stdlib")), s.median(baseOf(label, "floor"))
+		t.row("%s\t%s\t%.0f\t%s\t%s", label, count3(v[0]), v[1], ratio(v[0], base[0]), ratio(v[0], fl[0]))
 	}
 	t.flush()
 }
@@ -75,12 +75,13 @@ func roundTrip(p params) {
 			s.add(k.name, p50, p99)
 		}
 	}
-	t := newTable("2. Ping-pong of 16 B payloads, one connection (ratio: over bare net.Conn's; lower is faster)",
-		"library\tp50 µs\tratio\tp99 µs\tratio")
-	base := s.median("net.Conn")
+	t := newTable("2. Ping-pong of 16 B payloads, one connection (ratios: over bare net.Conn's and floor's; lower is faster)",
+		"library\tp50 µs\tvs net.Conn\tvs floor\tp99 µs\tvs net.Conn\tvs floor")
+	base, fl := s.median("net.Conn"), s.median("floor")
 	for _, label := range s.labels {
 		v := s.median(label)
-		t.row("%s\t%.1f\t%s\t%.1f\t%s", label, v[0], ratio(v[0], base[0]), v[1], ratio(v[1], base[1]))
+		t.row("%s\t%.1f\t%s\t%s\t%.1f\t%s\t%s", label,
+			v[0], ratio(v[0], base[0]), ratio(v[0], fl[0]), v[1], ratio(v[1], base[1]), ratio(v[1], fl[1]))
 	}
 	t.flush()
 }
@@ -100,13 +101,15 @@ func allocations(p params) {
 			}
 		}
 	}
-	t := newTable("3. Heap allocations per message, one side measured, the other in a child process (ratio: over stdlib's; lower is leaner)",
-		"side\tpayload\tlibrary\tallocs\tratio\tbytes\tratio")
+	t := newTable("3. Heap allocations per message, one side measured, the other in a child process (ratios: over stdlib's and floor's; lower is leaner)",
+		"side\tpayload\tlibrary\tallocs\tvs stdlib\tvs floor\tbytes\tvs stdlib\tvs floor")
 	for _, label := range s.labels {
-		v, base := s.median(label), s.median(baseOf(label, "stdlib"))
+		v, base, fl := s.median(label), s.median(baseOf(label, "stdlib")), s.median(baseOf(label, "floor"))
 		// Bytes are compared as printed, whole, so that a baseline of 0.01
 		// bytes a message shows no ratio rather than a huge one.
-		t.row("%s\t%.2f\t%s\t%.0f\t%s", label, v[0], ratio(v[0], base[0]), v[1], ratio(math.Round(v[1]), math.Round(base[1])))
+		t.row("%s\t%.2f\t%s\t%s\t%.0f\t%s\t%s", label,
+			v[0], ratio(v[0], base[0]), ratio(v[0], fl[0]),
+			v[1], ratio(math.Round(v[1]), math.Round(base[1])), ratio(math.Round(v[1]), math.Round(fl[1])))
 	}
 	t.flush()
 }
@@ -121,21 +124,22 @@ func manyConns(p params) {
 		}
 	}
 	t := newTable(fmt.Sprintf("4. Idle connections, %d held by one process: heap+stack in use after GC per connection (TCP connection included) and goroutines per connection (ratios of KiB with reader; lower is leaner)", p.conns),
-		"library\tKiB/conn\tgoroutines\tKiB/conn with reader\tgoroutines\tvs stdlib\tvs net.Conn")
-	base, bare := s.median("stdlib"), s.median("net.Conn")
+		"library\tKiB/conn\tgoroutines\tKiB/conn with reader\tgoroutines\tvs stdlib\tvs net.Conn\tvs floor")
+	base, bare, fl := s.median("stdlib"), s.median("net.Conn"), s.median("floor")
 	for _, label := range s.labels {
 		v := s.median(label)
-		t.row("%s\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s", label, v[0]/1024, v[1], v[2]/1024, v[3], ratio(v[2], base[2]), ratio(v[2], bare[2]))
+		t.row("%s\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s", label, v[0]/1024, v[1], v[2]/1024, v[3],
+			ratio(v[2], base[2]), ratio(v[2], bare[2]), ratio(v[2], fl[2]))
 	}
 	t.note(`"with reader": one goroutine per connection blocked receiving (for packet, on Incoming), as a user's read loop; it echoes in workload 5.`)
 	t.note(`stdlib holds its two 64 KiB bufio buffers (sized for throughput), so "vs net.Conn" is the fairer memory ratio.`)
 	t.flush()
 
 	t = newTable(fmt.Sprintf("5. Round trips of 16 B, %d per connection on all %d connections at once (higher is faster)", p.rounds, p.conns),
-		"library\tround trips/s\ttotal s\tvs stdlib\tvs net.Conn")
+		"library\tround trips/s\ttotal s\tvs stdlib\tvs net.Conn\tvs floor")
 	for _, label := range s.labels {
 		v := s.median(label)
-		t.row("%s\t%s\t%.2f\t%s\t%s", label, count3(v[4]), v[5], ratio(v[4], base[4]), ratio(v[4], bare[4]))
+		t.row("%s\t%s\t%.2f\t%s\t%s\t%s", label, count3(v[4]), v[5], ratio(v[4], base[4]), ratio(v[4], bare[4]), ratio(v[4], fl[4]))
 	}
 	t.flush()
 }
