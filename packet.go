@@ -82,20 +82,28 @@ const (
 	// slabMax is the largest payload carved from a block; larger ones get
 	// their own allocation.
 	slabMax = 2 << 10
-	// blockSize is the size of the pooled buffers a stream reads and writes
-	// with. It is also the largest payload allocated as soon as its header
-	// arrives; a larger one is allocated whole only once the decoder has read
-	// as many bytes, and grows as its bytes arrive until then.
-	blockSize = 64 << 10
+	// trustedSize is the largest payload allocated whole as soon as its
+	// header arrives; see readPayload for larger ones.
+	trustedSize = 64 << 10
 	// packetBlock is how many Packet values are allocated at once.
 	packetBlock = 64
-	// copyLimit is the largest payload that Write copies next to its header
-	// for a single Write call; larger payloads are written in place.
+	// copyLimit is the largest payload that a batch copies next to its
+	// header; larger payloads are written in place (writev).
 	copyLimit = 16 << 10
 )
 
 // smallPool holds buffers for encoding one small packet in Write.
 var smallPool = sync.Pool{New: func() any { b := make([]byte, 0, HeaderSize+copyLimit); return &b }}
+
+// batch is the encoding of packets for one write: small payloads are copied
+// next to their headers, large ones are referred to in place, so the whole
+// batch goes out with one Write or one writev. Packet.Write and the Stream's
+// writer both use it.
+type batch struct {
+	buf   []byte      // headers, control frames and copied payloads
+	vec   net.Buffers // set once a payload is referred to in place
+	start int         // buf[start:] is not yet in vec
+}
 
 // New returns a packet of the given type carrying data. The packet refers to
 // data; it does not copy it.
@@ -121,19 +129,46 @@ func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 // small, and without copying the payload (writev on a TCP connection) when it
 // is large.
 func (p *Packet) Write(w io.Writer) error {
-	if len(p.Data) > copyLimit {
-		var header [HeaderSize]byte
-		appendHeader(header[:0], p.Type, len(p.Data))
-		bufs := net.Buffers{header[:], p.Data}
-		_, err := bufs.WriteTo(w)
-		return err
-	}
 	bp := smallPool.Get().(*[]byte)
-	b, _ := p.AppendBinary((*bp)[:0])
-	_, err := w.Write(b)
-	*bp = b
+	var vec [2][]byte
+	b := batch{buf: (*bp)[:0], vec: vec[:0]}
+	b.add(p)
+	_, err := b.writeTo(w)
+	*bp = b.buf[:0]
 	smallPool.Put(bp)
 	return err
+}
+
+// add appends p to the batch.
+func (b *batch) add(p *Packet) {
+	b.buf = appendHeader(b.buf, p.Type, len(p.Data))
+	if len(p.Data) <= copyLimit {
+		b.buf = append(b.buf, p.Data...)
+		return
+	}
+	b.vec = append(b.vec, b.buf[b.start:], p.Data)
+	b.start = len(b.buf)
+}
+
+// writeTo writes the batch with one call and returns how many bytes went
+// out. The batch is empty afterwards, its buffers kept for reuse.
+func (b *batch) writeTo(w io.Writer) (int64, error) {
+	defer b.reset()
+	if len(b.vec) == 0 {
+		n, err := w.Write(b.buf)
+		return int64(n), err
+	}
+	if b.start < len(b.buf) {
+		b.vec = append(b.vec, b.buf[b.start:])
+	}
+	vec := b.vec // WriteTo consumes the slice it is called on
+	return vec.WriteTo(w)
+}
+
+// reset empties the batch and drops its references to payloads.
+func (b *batch) reset() {
+	clear(b.vec)
+	b.buf, b.vec, b.start = b.buf[:0], b.vec[:0], 0
 }
 
 // NewDecoder returns a decoder that reads packets from r and refuses
@@ -159,49 +194,59 @@ func (d *Decoder) Reset(r io.Reader) {
 // no byte of the packet was read, and io.ErrUnexpectedEOF if the input ended
 // part-way. A length that is negative or over the limit returns an error
 // wrapping ErrNegativeLength or ErrTooLarge before any payload is read; a byte
-// stream cannot recover from that, so stop reading it.
+// stream cannot recover from that, so stop reading it. Memory follows the
+// bytes that arrive, not the length a header claims.
 //
-// Memory follows the bytes that arrive, not the length a header claims: a
-// payload over 64 KiB is allocated whole only once the decoder has read at
-// least as many bytes from its reader; until then its buffer grows fourfold
-// at a time as bytes arrive. Payloads up to 2 KiB share a larger block with
-// the payloads of other packets, and their Packet values are allocated in
-// groups, so a caller that keeps one small packet keeps its block (32 KiB at
-// most) and the small payloads of its group (128 KiB at most) alive.
 // Every returned packet and payload is the caller's: the decoder never
-// writes to them again.
+// writes to them again. Small payloads share memory with their neighbours,
+// so keeping one small packet keeps up to 128 KiB of them alive.
 func (d *Decoder) Decode() (*Packet, error) {
+	p, _, err := d.next(false)
+	return p, err
+}
+
+// next reads the next frame: a packet, or, when control is set, a control
+// frame (a header whose length is negative), returned with a nil packet.
+func (d *Decoder) next(control bool) (*Packet, controlFrame, error) {
 	m, err := io.ReadFull(d.r, d.header[:])
 	d.received += int64(m)
 	if err != nil {
-		return nil, err
+		return nil, controlFrame{}, err
+	}
+	if control && isControl(d.header[:]) {
+		f, err := parseControl(d.header[:])
+		return nil, f, err
 	}
 	typ, n, err := parseHeader(d.header[:], d.maxSize)
 	if err != nil {
-		return nil, err
+		return nil, controlFrame{}, err
 	}
 	data, err := d.readPayload(n)
 	if err != nil {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
-		return nil, err
+		return nil, controlFrame{}, err
 	}
-	return d.newPacket(typ, data), nil
+	return d.newPacket(typ, data), controlFrame{}, nil
 }
 
 // readPayload reads an n byte payload.
+//
+// A payload up to trustedSize, or up to what the peer has sent so far on
+// this reader, is allocated whole at once. A larger claim from a peer that
+// has sent less is not trusted: its buffer starts at trustedSize and grows
+// fourfold at a time as bytes arrive, so a claim costs at most about four
+// times what was actually sent. In steady state a large payload is one
+// allocation.
 func (d *Decoder) readPayload(n int) ([]byte, error) {
-	if n <= blockSize || int64(n) <= d.received {
+	if n <= trustedSize || int64(n) <= d.received {
 		data := d.alloc(n)
 		m, err := io.ReadFull(d.r, data)
 		d.received += int64(m)
 		return data, err
 	}
-	// The peer claims more than it has sent so far: let the payload grow
-	// fourfold at a time as its bytes arrive, so that a claim costs at most
-	// about four times what was actually sent.
-	data := make([]byte, blockSize)
+	data := make([]byte, trustedSize)
 	got := 0
 	for {
 		m, err := io.ReadFull(d.r, data[got:])
@@ -251,13 +296,21 @@ func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
 	return p
 }
 
-// decodeDatagram decodes every packet in one datagram. It checks the whole
-// datagram before it delivers anything, so a malformed datagram yields no
-// packet at all. The payloads are copied: b may be reused by the caller.
-func (d *Decoder) decodeDatagram(b []byte, deliver func(*Packet) bool) error {
+// decodeDatagram decodes every frame in one datagram: packets go to deliver,
+// control frames to control. It checks the whole datagram before it passes
+// anything on, so a malformed datagram yields nothing at all. The payloads
+// are copied: b may be reused by the caller.
+func (d *Decoder) decodeDatagram(b []byte, deliver func(*Packet) bool, control func(controlFrame)) error {
 	for rest := b; len(rest) > 0; {
 		if len(rest) < HeaderSize {
 			return fmt.Errorf("%w: %d bytes left after the last whole packet", ErrMalformed, len(rest))
+		}
+		if isControl(rest) {
+			if _, err := parseControl(rest); err != nil {
+				return err
+			}
+			rest = rest[HeaderSize:]
+			continue
 		}
 		_, n, err := parseHeader(rest, d.maxSize)
 		if err != nil {
@@ -269,6 +322,12 @@ func (d *Decoder) decodeDatagram(b []byte, deliver func(*Packet) bool) error {
 		rest = rest[HeaderSize+n:]
 	}
 	for len(b) > 0 {
+		if isControl(b) {
+			f, _ := parseControl(b)
+			control(f)
+			b = b[HeaderSize:]
+			continue
+		}
 		typ, n, _ := parseHeader(b, d.maxSize)
 		data := d.alloc(n)
 		copy(data, b[HeaderSize:])
@@ -297,4 +356,47 @@ func parseHeader(b []byte, max int) (typ byte, n int, err error) {
 		return 0, 0, fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, length, max)
 	}
 	return b[0], int(length), nil
+}
+
+// controlFrame is a frame no data packet can be: a header whose length field
+// is negative, which the original library never writes. Its type byte says
+// what it is, and its length field holds the bitwise complement of a 63-bit
+// argument. Only a Stream sends and reads them, and only once its user opted
+// in to what needs them; a Decoder refuses them like any negative length.
+type controlFrame struct {
+	kind byte
+	arg  uint64
+}
+
+// The control frames. The README's wire section draws them.
+const (
+	framePing    = 0x01 // asks for a pong; argument 0
+	framePong    = 0x02 // answers a ping; argument 0
+	frameAck     = 0x03 // argument: packets received in the session so far
+	frameHello   = 0x04 // opens a resumable connection; argument: packets received; a 16 byte token follows
+	frameWelcome = 0x05 // accepts a hello; argument: packets received; a 16 byte token follows
+	frameLost    = 0x06 // refuses a hello whose session is unknown; argument 0
+	frameBye     = 0x07 // ends the session; argument: packets received
+)
+
+// isControl tells whether the header at the start of b is a control frame.
+func isControl(b []byte) bool {
+	return b[1]&0x80 != 0
+}
+
+// parseControl reads the control frame at the start of b. A kind this
+// package does not know is an error wrapping ErrNegativeLength, as the same
+// header is to a Decoder.
+func parseControl(b []byte) (controlFrame, error) {
+	length := int64(binary.BigEndian.Uint64(b[1:HeaderSize]))
+	if b[0] < framePing || b[0] > frameBye {
+		return controlFrame{}, fmt.Errorf("%w: %d with type %d, which is no control frame", ErrNegativeLength, length, b[0])
+	}
+	return controlFrame{kind: b[0], arg: ^uint64(length)}, nil
+}
+
+// appendControl appends a control frame to b.
+func appendControl(b []byte, kind byte, arg uint64) []byte {
+	b = append(b, kind)
+	return binary.BigEndian.AppendUint64(b, ^arg)
 }

@@ -283,25 +283,22 @@ func TestQueuedWhileDown(t *testing.T) {
 	}
 }
 
-// SetConnection(nil) retires the live connection without a report, and
-// packets queued afterwards wait for the next one.
-func TestSetConnectionNil(t *testing.T) {
+// Programmer errors panic at once, with a message that names them, instead
+// of failing later on a stream goroutine: nil for SetConnection (a failed
+// dial is not a connection) and OnError, negative sizes.
+func TestProgrammerErrorsPanic(t *testing.T) {
 	s := newStream(t, 16)
-	errs := collectErrors(s)
-	a, peerA := tcpPair(t)
-	s.SetConnection(a)
-	s.SetConnection(nil)
-	_, err := peerA.Read(make([]byte, 1))
-	assert.ErrorIs(t, err, io.EOF, "the retired connection was closed")
+	assert.PanicsWithValue(t, "packet: SetConnection(nil)", func() { s.SetConnection(nil) })
+	assert.PanicsWithValue(t, "packet: OnError(nil)", func() { s.OnError(nil) })
+	assert.PanicsWithValue(t, "packet: SetMaxSize(-1): negative size", func() { s.SetMaxSize(-1) })
+	assert.PanicsWithValue(t, "packet: NewStream(-1): negative channel buffer size", func() { packet.NewStream(-1) })
 
-	s.Outgoing <- packet.New(5, []byte("waits"))
-	b, peerB := tcpPair(t)
-	s.SetConnection(b)
-	p, err := packet.NewDecoder(peerB).Decode()
-	require.NoError(t, err)
-	assert.Equal(t, "waits", string(p.Data))
-	require.NoError(t, s.Close())
-	assert.Empty(t, errs)
+	// The stream is unharmed: the next failure reaches the callbacks.
+	errs := collectErrors(s)
+	a, peer := tcpPair(t)
+	s.SetConnection(a)
+	peer.Close()
+	assert.ErrorIs(t, receiveError(t, errs).Error, io.EOF)
 }
 
 // Guarantee 3: a swap closes the old connection, sends later packets on the
@@ -531,10 +528,9 @@ func TestCloseFromCallback(t *testing.T) {
 	assert.NoError(t, s.Close())
 }
 
-// Close called from a callback that runs on the writer returns at once; what
-// the writer then could not send is reported through OnError, without a
-// connection, so it is not dropped silently.
-func TestCloseFromWriterCallbackReportsUnsent(t *testing.T) {
+// Close called from a callback returns what the writer could not send, like
+// Close from anywhere else.
+func TestCloseFromCallbackReportsUnsent(t *testing.T) {
 	a, peer := tcpPair(t)
 	go io.Copy(io.Discard, peer)
 	s := packet.NewStream(16)
@@ -549,11 +545,10 @@ func TestCloseFromWriterCallbackReportsUnsent(t *testing.T) {
 
 	first := receiveError(t, reports)
 	assert.ErrorIs(t, first.Error, errFault)
-	assert.NoError(t, <-closed, "Close from the writer's callback returns at once")
-	late := receiveError(t, reports)
-	assert.ErrorIs(t, late.Error, packet.ErrUnsent)
-	assert.Equal(t, "packet: stream closed with packets unsent: 1", late.Error.Error())
-	assert.Nil(t, late.Connection)
+	err := <-closed
+	require.ErrorIs(t, err, packet.ErrUnsent)
+	assert.Equal(t, "packet: stream closed with packets unsent: 1", err.Error())
+	assert.Empty(t, reports, "nothing is reported after Close")
 	assert.Empty(t, waitForStreamGoroutines(5*time.Second))
 }
 
