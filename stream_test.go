@@ -1169,3 +1169,231 @@ func BenchmarkUDP(b *testing.B) {
 		done += n
 	}
 }
+
+// writeFails is a connection whose writes fail.
+type writeFails struct{ net.Conn }
+
+func (writeFails) Write([]byte) (int, error) { return 0, errors.New("write fails") }
+
+// blockingCallback registers a callback that signals its first call on
+// entered and then waits for release, as a callback that dials would. It
+// returns release, which is also called when the test ends.
+func blockingCallback(t *testing.T, s *packet.Stream, entered chan<- struct{}) (release func()) {
+	var once sync.Once
+	gate := make(chan struct{})
+	release = func() { once.Do(func() { close(gate) }) }
+	var first sync.Once
+	s.OnError(func(packet.IOError) {
+		first.Do(func() {
+			close(entered)
+			<-gate
+		})
+	})
+	t.Cleanup(release)
+	return release
+}
+
+// Close from the application while a callback runs sends what it can and
+// counts the rest: it never returns nil with packets unsent.
+func TestCloseWhileCallbackRunsCountsUnsent(t *testing.T) {
+	a, b := net.Pipe()
+	t.Cleanup(func() { b.Close() })
+	s := packet.NewStream(16)
+	entered := make(chan struct{})
+	blockingCallback(t, s, entered)
+	s.SetConnection(writeFails{a})
+	s.Outgoing <- packet.New(0, []byte("first"))
+	<-entered
+	for range 5 {
+		s.Outgoing <- packet.New(0, []byte("queued"))
+	}
+	err := s.Close()
+	require.ErrorIs(t, err, packet.ErrUnsent)
+	assert.Equal(t, "packet: stream closed with packets unsent: 6", err.Error())
+}
+
+// A connection set while a callback runs is used at once, and Close flushes
+// to it instead of cutting it off.
+func TestCloseWhileCallbackRunsFlushesLiveConnection(t *testing.T) {
+	bad, badPeer := net.Pipe()
+	t.Cleanup(func() { badPeer.Close() })
+	s := packet.NewStream(16)
+	entered := make(chan struct{})
+	blockingCallback(t, s, entered)
+	s.SetConnection(writeFails{bad})
+	s.Outgoing <- numbered(0, 8)
+	<-entered
+
+	good, peer := net.Pipe()
+	got := make(chan int, 10)
+	read := make(chan error, 1)
+	go func() { read <- readNumbers(peer, got) }()
+	s.SetConnection(good)
+	for i := 1; i <= 5; i++ {
+		s.Outgoing <- numbered(i, 8)
+	}
+	require.NoError(t, s.Close())
+	assert.ErrorIs(t, <-read, io.EOF, "the stream closed the live connection after flushing")
+	require.Len(t, got, 6, "the failed packet and the five queued")
+	for i := range 6 {
+		assert.Equal(t, i, <-got)
+	}
+}
+
+// Over UDP, Close from the callback that reports an oversized packet sends
+// the packet queued behind it, well within its close timeout.
+func TestUDPCloseFromTooLargeCallback(t *testing.T) {
+	a, peer := udpPair(t)
+	s := packet.NewStream(16)
+	s.SetCloseTimeout(time.Minute) // Close must not need it
+	closed := make(chan error, 1)
+	var once sync.Once
+	s.OnError(func(e packet.IOError) {
+		once.Do(func() { closed <- s.Close() })
+	})
+	s.Outgoing <- packet.New(0, make([]byte, 70000)) // reported with ErrTooLarge, skipped
+	s.Outgoing <- packet.New(1, []byte("small"))
+	s.SetConnection(a)
+	require.NoError(t, <-closed)
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 2048)
+	n, err := peer.Read(buf)
+	require.NoError(t, err)
+	assert.Equal(t, packet.New(1, []byte("small")).Bytes(), buf[:n])
+}
+
+// A callback may send on a full Outgoing: the writer keeps draining it while
+// callbacks run.
+func TestCallbackMaySendOnOutgoing(t *testing.T) {
+	s := newStream(t, 1)
+	bad, badPeer := net.Pipe()
+	t.Cleanup(func() { badPeer.Close() })
+	good, peer := net.Pipe()
+	got := make(chan int, 100)
+	go readNumbers(peer, got)
+	var once sync.Once
+	s.OnError(func(packet.IOError) {
+		once.Do(func() {
+			s.SetConnection(good)
+			for i := 1; i <= 20; i++ { // many times what Outgoing holds
+				s.Outgoing <- numbered(i, 8)
+			}
+		})
+	})
+	s.SetConnection(writeFails{bad})
+	s.Outgoing <- numbered(0, 8)
+	for i := range 21 {
+		select {
+		case n := <-got:
+			require.Equal(t, i, n)
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "the callback's sends are stuck", "got %d of 21", i)
+		}
+	}
+}
+
+// SetMaxSize bounds what the stream sends: a packet over it is reported with
+// ErrTooLarge and skipped, the connection stays up, and the packets behind
+// it go out, where a peer with that limit would have dropped the connection
+// at its header on every reconnect.
+func TestOversizedPacketSkipped(t *testing.T) {
+	a, peer := tcpPair(t)
+	s := newStream(t, 16)
+	s.SetMaxSize(1 << 20) // the peer's limit too
+	errs := collectErrors(s)
+	s.SetConnection(a)
+	s.Outgoing <- packet.New(1, make([]byte, 20<<20))
+	s.Outgoing <- packet.New(2, []byte("hello"))
+
+	e := receiveError(t, errs)
+	assert.ErrorIs(t, e.Error, packet.ErrTooLarge)
+	assert.Equal(t, a, e.Connection)
+	d := packet.NewDecoder(peer)
+	d.SetMaxSize(1 << 20)
+	p, err := d.Decode()
+	require.NoError(t, err)
+	assert.Equal(t, "hello", string(p.Data))
+	assert.Empty(t, errs, "the connection stayed up")
+}
+
+// waitBlockedSend polls until a goroutine of the calling test is blocked
+// sending on a channel.
+func waitBlockedSend(t *testing.T, function string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	buf := make([]byte, 1<<20)
+	for time.Now().Before(deadline) {
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		for _, g := range strings.Split(stacks, "\n\n") {
+			if strings.Contains(g, "[chan send") && strings.Contains(g, function) {
+				return
+			}
+		}
+		time.Sleep(time.Millisecond)
+	}
+	require.FailNow(t, "no goroutine blocked sending", function)
+}
+
+// A send that blocked on a full Outgoing before Close is released by Close,
+// and its packet is counted as unsent.
+func TestSendersBlockedAtCloseAreReleased(t *testing.T) {
+	s := packet.NewStream(1)
+	s.Outgoing <- packet.New(0, nil) // Outgoing is full: there is no connection
+	done := make(chan struct{})
+	go func() {
+		s.Outgoing <- packet.New(0, nil)
+		close(done)
+	}()
+	waitBlockedSend(t, "TestSendersBlockedAtCloseAreReleased")
+	err := s.Close()
+	require.ErrorIs(t, err, packet.ErrUnsent)
+	assert.Equal(t, "packet: stream closed with packets unsent: 2", err.Error())
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		require.FailNow(t, "the sender is still blocked after Close returned")
+	}
+}
+
+// While the application does not read Incoming, swapping connections leaves
+// one reader, not one per swapped-away connection; what the old readers had
+// read is delivered later, in order, before what newer connections read.
+func TestSwapsDoNotPileUpReaders(t *testing.T) {
+	s := newStream(t, 1)
+	base := runtime.NumGoroutine()
+	const swaps = 200
+	var peers sync.WaitGroup
+	for i := range swaps {
+		a, b := net.Pipe()
+		peers.Add(1)
+		go func() {
+			defer peers.Done()
+			defer b.Close()
+			numbered(2*i, 8).Write(b)
+			numbered(2*i+1, 8).Write(b)
+			io.Copy(io.Discard, b)
+		}()
+		s.SetConnection(a)
+	}
+	// Left: the live connection's reader and its peer. Each swapped-away
+	// connection's reader and peer end, since the stream closed it.
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine()-base > 2 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	assert.LessOrEqual(t, runtime.NumGoroutine()-base, 2, "goroutines left after %d swaps", swaps)
+
+	// What the old readers read comes first, in order.
+	last := -1
+	received := 0
+	for received < 2 {
+		p := receive(t, s)
+		require.Greater(t, number(p), last, "packets arrive in the order they were read")
+		last = number(p)
+		if last >= 2*(swaps-1) {
+			received++
+		}
+	}
+	require.NoError(t, s.Close())
+	peers.Wait()
+}
