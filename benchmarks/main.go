@@ -131,7 +131,7 @@ func manyConns(p params) {
 		t.row("%s\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s", label, v[0]/1024, v[1], v[2]/1024, v[3],
 			ratio(v[2], base[2]), ratio(v[2], bare[2]), ratio(v[2], fl[2]))
 	}
-	t.note(`"with reader": one goroutine per connection blocked receiving (for packet, on Incoming), as a user's read loop; it echoes in workload 5.`)
+	t.note(`"with reader": one goroutine per connection blocked receiving (for packet and floor, on Incoming), as a user's read loop; it echoes in workload 5.`)
 	t.note(`stdlib holds its two 64 KiB bufio buffers (sized for throughput), so "vs net.Conn" is the fairer memory ratio.`)
 	t.flush()
 
