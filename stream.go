@@ -876,12 +876,13 @@ func (s *Stream) keepAliveTick(c *conn) {
 		}
 		return
 	}
-	if c.silent > 0 {
+	ping := c.silent > 0
+	if ping {
 		c.due.Or(duePing)
 	}
 	c.keepAlive.Reset(s.pingEvery)
 	s.mu.Unlock()
-	if c.silent > 0 {
+	if ping {
 		s.wakeWriter()
 	}
 }
