@@ -74,6 +74,24 @@ var (
 
 	// ErrUnsent means a Stream was closed with packets it could not send.
 	ErrUnsent = errors.New("packet: stream closed with packets unsent")
+
+	// ErrHandshake means a resumable connection's handshake, or a control
+	// frame of its session, was not what the protocol allows.
+	ErrHandshake = errors.New("packet: bad session handshake")
+
+	// ErrSessionLost means the accepting side no longer knew a resumable
+	// stream's session (it expired, or the server restarted): the stream
+	// started a new one and sends again what was not acknowledged, so the
+	// new server may receive a packet the old one had already received.
+	ErrSessionLost = errors.New("packet: session lost")
+
+	// ErrSessionEnded means the peer ended the session while this side still
+	// had packets to send.
+	ErrSessionEnded = errors.New("packet: session ended by the peer")
+
+	// errSessionOver ends a connection whose peer said bye; it is not a
+	// failure and is not reported.
+	errSessionOver = errors.New("packet: session over")
 )
 
 const (

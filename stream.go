@@ -1,7 +1,11 @@
 package packet
 
 import (
+	"crypto/rand"
+	"errors"
 	"fmt"
+	"io"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"runtime"
@@ -92,6 +96,9 @@ type Stream struct {
 	// Settings the writer reads without the lock.
 	maxSize      atomic.Int64
 	writeTimeout atomic.Int64 // nanoseconds
+	replayLimit  atomic.Int64
+
+	session *session // nil unless the stream is resumable; set before its first connection
 
 	mu           sync.Mutex // guards the fields below
 	conn         *conn      // the live connection, nil when there is none
@@ -128,12 +135,16 @@ type conn struct {
 	// Guarded by Stream.mu.
 	keepAlive *time.Timer
 	silent    time.Duration // how long nothing has arrived, in whole ticks
+
+	// Set on a resumable stream's connections only.
+	hs *handshake
 }
 
 // Bits of conn.due.
 const (
 	duePing = 1 << iota
 	duePong
+	dueAck
 )
 
 // writer is what only the writer goroutine touches: the packets taken from
@@ -146,12 +157,22 @@ type writer struct {
 	writing atomic.Pointer[conn]
 	closing bool // finish has started
 	refused int  // packets over the limit met by finish, which cannot report them
+
+	// On a resumable stream: the packets written but not yet acknowledged,
+	// numbered from acked, and the bytes they and pending hold.
+	sess   *session
+	replay []*Packet
+	acked  uint64
+	held   int
 }
 
 // reader is one connection's reader.
 type reader struct {
-	s *Stream
-	c *conn
+	s    *Stream
+	c    *conn
+	sess *session // nil unless resumable
+	// toAck counts packets read since the last acknowledgement was asked for.
+	toAck int
 	// diverted is set once c has ended while a packet waited for Incoming:
 	// from then on what c still yields goes to the stream's backlog, for the
 	// next connection's reader to deliver.
@@ -212,6 +233,7 @@ func NewStream(channelBufferSize int) *Stream {
 		closeTimeout: DefaultCloseTimeout,
 	}
 	s.maxSize.Store(DefaultMaxSize)
+	s.replayLimit.Store(DefaultReplayLimit)
 	s.Incoming, s.Outgoing = s.incoming, s.outgoing
 	go s.writeLoop()
 	return s
@@ -225,6 +247,12 @@ func (s *Stream) SetConnection(nc net.Conn) {
 	if nc == nil {
 		panic("packet: SetConnection(nil)")
 	}
+	s.setConnection(nc, nil)
+}
+
+// setConnection is SetConnection with the handshake state of a connection
+// that Sessions.Accept has begun; nil otherwise.
+func (s *Stream) setConnection(nc net.Conn, hs *handshake) {
 	s.mu.Lock()
 	if s.isClosing {
 		s.mu.Unlock()
@@ -240,6 +268,13 @@ func (s *Stream) SetConnection(nc net.Conn) {
 		s.endLocked(old, nil)
 	}
 	c := &conn{Conn: nc, datagram: isDatagram(nc), done: make(chan struct{})}
+	if s.session != nil {
+		c.hs = hs
+		if hs == nil {
+			c.hs = &handshake{}
+		}
+		s.session.up()
+	}
 	s.conn, s.last = c, nc
 	s.startKeepAlive(c)
 	prev, done := s.lastReader, make(chan struct{})
@@ -354,19 +389,29 @@ func (s *Stream) Close() error {
 	s.wakeWriter()
 
 	// A writer stuck on a peer that does not read is cut off in time.
+	aborted := make(chan struct{})
 	abort := time.AfterFunc(timeout, func() {
+		defer close(aborted)
 		if c := s.liveConn(); c != nil {
 			s.end(c, nil)
 		}
 	})
 	<-s.writerDone // the writer ends the live connection, so readers stop
-	abort.Stop()
+	if !abort.Stop() {
+		<-aborted
+	}
 	s.mu.Lock()
 	last := s.lastReader
 	s.backlog = nil
 	s.mu.Unlock()
 	<-last // each reader waits for the one before it
 	close(s.incoming)
+	s.mu.Lock()
+	sess := s.session
+	s.mu.Unlock()
+	if sess != nil {
+		sess.closed()
+	}
 	close(s.closed)
 	return s.unsent
 }
@@ -384,11 +429,18 @@ func (s *Stream) writeLoop() {
 			s.unsent = w.finish(c)
 			return
 		}
-		if c == nil {
-			<-s.wake // SetConnection and Close wake it
+		if c == nil || !c.ready() {
+			<-s.wake // SetConnection, handshakes and Close wake it
 			continue
 		}
-		if err := w.serve(c); err != nil {
+		if w.sess == nil {
+			w.sess = s.session // set before the first connection
+		}
+		err := w.resume(c)
+		if err == nil {
+			err = w.serve(c)
+		}
+		if err != nil {
 			s.end(c, err)
 		}
 	}
@@ -399,21 +451,17 @@ func (s *Stream) writeLoop() {
 func (w *writer) serve(c *conn) error {
 	for {
 		if len(w.pending) == 0 && c.due.Load() == 0 {
-			// Try the receive alone first: a select over two channels
-			// locks both.
-			select {
-			case p := <-w.s.outgoing:
-				w.take(c, p)
-			default:
-				select {
-				case p := <-w.s.outgoing:
-					w.take(c, p)
-				case <-w.s.wake:
-				}
+			if w.full() {
+				<-w.s.wake // an acknowledgement makes room
+			} else {
+				w.receive(c)
 			}
 		}
 		if c.ended.Load() || w.s.closingNow() {
 			return nil
+		}
+		if err := w.trim(); err != nil {
+			return err
 		}
 		w.drain(c)
 		if len(w.pending) == 0 && c.due.Load() == 0 {
@@ -425,27 +473,42 @@ func (w *writer) serve(c *conn) error {
 	}
 }
 
+// receive waits for a packet on Outgoing or a wake.
+func (w *writer) receive(c *conn) {
+	// Try the receive alone first: a select over two channels
+	// locks both.
+	select {
+	case p := <-w.s.outgoing:
+		w.take(c, p)
+	default:
+		select {
+		case p := <-w.s.outgoing:
+			w.take(c, p)
+		case <-w.s.wake:
+		}
+	}
+}
+
 // finish is the writer's last act: it sends what is queued on c, if any,
 // until Close's timer ends c, ends c, and returns an error counting what it
 // could not send.
 func (w *writer) finish(c *conn) error {
 	w.closing = true
 	var err error
-	if c != nil {
-		for !c.ended.Load() {
-			w.drain(c)
-			if len(w.pending) == 0 {
-				break
-			}
-			if err = w.send(c); err != nil {
-				break
-			}
+	if c != nil && c.ready() {
+		if w.sess == nil {
+			w.sess = w.s.session
 		}
+		if err = w.resume(c); err == nil {
+			err = w.flush(c)
+		}
+		w.s.end(c, nil)
+	} else if c != nil {
 		w.s.end(c, nil)
 	}
 	// Count what is left, and release senders blocked on a full Outgoing:
 	// each receive lets one of them through.
-	unsent := len(w.pending) + w.refused
+	unsent := len(w.pending) + len(w.replay) + w.refused
 	for {
 		select {
 		case <-w.s.outgoing:
@@ -466,6 +529,36 @@ func (w *writer) finish(c *conn) error {
 	}
 }
 
+// flush sends what is queued on c until Close's timer ends c. On a
+// resumable stream it then waits for the peer to acknowledge everything and
+// ends the session with a bye.
+func (w *writer) flush(c *conn) error {
+	for !c.ended.Load() {
+		if err := w.trim(); err != nil {
+			return err
+		}
+		w.drain(c)
+		if len(w.pending) > 0 || c.due.Load() != 0 {
+			if err := w.send(c); err != nil {
+				return err
+			}
+			continue
+		}
+		if w.sess == nil {
+			return nil
+		}
+		if len(w.replay) == 0 {
+			bye := appendControl(nil, frameBye, w.sess.received.Load())
+			w.startWrite(c)
+			_, err := c.Write(bye)
+			w.stopWrite()
+			return err
+		}
+		<-w.s.wake // an acknowledgement, or Close's timer
+	}
+	return nil
+}
+
 // take adds p to pending, unless it is over the limit for c: then it is
 // reported and skipped.
 func (w *writer) take(c *conn, p *Packet) {
@@ -482,6 +575,16 @@ func (w *writer) take(c *conn, p *Packet) {
 		return
 	}
 	w.pending = append(w.pending, p)
+	if w.sess != nil {
+		w.held += HeaderSize + len(p.Data)
+	}
+}
+
+// full tells whether a resumable stream holds as many unacknowledged bytes
+// as its replay limit allows: then it takes nothing more from Outgoing. A
+// packet larger than the limit is taken when nothing else is held.
+func (w *writer) full() bool {
+	return w.sess != nil && w.held > 0 && w.held >= int(w.s.replayLimit.Load())
 }
 
 // drain adds to pending what waits in Outgoing, as long as the batch stays
@@ -492,7 +595,7 @@ func (w *writer) drain(c *conn) {
 		copied, total = batchSize(p, copied, total)
 	}
 	taken := 0
-	for copied <= batchCopyLimit && total < maxBatch {
+	for copied <= batchCopyLimit && total < maxBatch && !w.full() {
 		select {
 		case p := <-w.s.outgoing:
 			w.take(c, p)
@@ -528,15 +631,23 @@ func (w *writer) send(c *conn) error {
 	defer blockPool.Put(bp)
 	w.batch.buf = (*bp)[:0]
 	var control int
-	if due := c.due.Swap(0); due != 0 {
+	if c.due.Load() != 0 {
+		due := c.due.Swap(0)
 		if due&duePing != 0 {
 			w.batch.buf = appendControl(w.batch.buf, framePing, 0)
 		}
 		if due&duePong != 0 {
 			w.batch.buf = appendControl(w.batch.buf, framePong, 0)
 		}
+		if due&dueAck != 0 && w.sess != nil {
+			w.batch.buf = appendControl(w.batch.buf, frameAck, w.sess.received.Load())
+		}
 		control = len(w.batch.buf)
 		w.batch.start = control
+	}
+	if w.sess != nil {
+		// The peer cannot acknowledge more than this before the write.
+		w.sess.sent.Store(w.acked + uint64(len(w.replay)+len(w.pending)))
 	}
 	w.startWrite(c)
 	var done int
@@ -548,6 +659,9 @@ func (w *writer) send(c *conn) error {
 	}
 	w.stopWrite()
 	w.batch.buf = nil // the block goes back to the pool
+	if w.sess != nil {
+		w.replay = append(w.replay, w.pending[:done]...)
+	}
 	rest := copy(w.pending, w.pending[done:])
 	clear(w.pending[rest:])
 	w.pending = w.pending[:rest]
@@ -641,33 +755,46 @@ func (w *writer) writeTimedOut() {
 func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
 	<-prev
-	r := &reader{s: s, c: c}
-	if !r.deliverBacklog() {
+	r := &reader{s: s, c: c, sess: s.session}
+	if c.datagram {
+		err := error(nil)
+		if c.hs != nil {
+			err = fmt.Errorf("%w: a resumable stream needs a byte stream, not %s", ErrHandshake, c.LocalAddr().Network())
+		} else if r.deliverBacklog() {
+			err = r.readDatagrams()
+		}
+		s.end(c, err)
 		return
 	}
+	cr := &connReader{c: c}
+	defer cr.release()
+	d := NewDecoder(cr)
+	d.SetMaxSize(int(s.maxSize.Load()))
 	var err error
-	if c.datagram {
-		err = r.readDatagrams()
-	} else {
-		err = r.readStream()
+	if c.hs != nil {
+		err = r.handshake(cr, d)
+	}
+	if err == nil && r.deliverBacklog() {
+		err = r.readStream(cr, d)
 	}
 	s.end(c, err)
 }
 
 // readStream decodes packets from a byte stream until an error.
-func (r *reader) readStream() error {
-	cr := &connReader{c: r.c}
-	defer cr.release()
-	d := NewDecoder(cr)
-	d.SetMaxSize(int(r.s.maxSize.Load()))
+func (r *reader) readStream(cr *connReader, d *Decoder) error {
 	for {
 		p, f, err := d.next(true)
 		if err != nil {
 			return err
 		}
 		if p == nil {
-			r.control(f)
+			if err := r.controlStream(f); err != nil {
+				return err
+			}
 			continue
+		}
+		if r.sess != nil {
+			r.count()
 		}
 		if !r.deliver(p) {
 			return nil
@@ -704,15 +831,34 @@ func (r *reader) readDatagrams() error {
 	}
 }
 
-// control acts on a control frame from the peer.
+// control acts on a keep-alive frame from the peer; over a datagram
+// connection the others are ignored.
 func (r *reader) control(f controlFrame) {
-	switch f.kind {
-	case framePing:
+	if f.kind == framePing {
 		r.c.due.Or(duePong)
 		r.s.wakeWriter()
-	case framePong:
-		// Its arrival is what counts, and that is noted on every read.
 	}
+	// A pong's arrival is what counts, and that is noted on every read.
+}
+
+// controlStream acts on a control frame read from a byte stream.
+func (r *reader) controlStream(f controlFrame) error {
+	switch {
+	case f.kind == framePing || f.kind == framePong:
+		r.control(f)
+		return nil
+	case r.sess != nil && f.kind == frameAck:
+		if f.arg > r.sess.sent.Load() {
+			return fmt.Errorf("%w: acknowledges %d packets, %d sent", ErrHandshake, f.arg, r.sess.sent.Load())
+		}
+		r.sess.acknowledged(f.arg)
+		r.s.wakeWriter()
+		return nil
+	case r.sess != nil && f.kind == frameBye:
+		go r.s.endSession()
+		return errSessionOver
+	}
+	return fmt.Errorf("%w: control frame %d out of place", ErrHandshake, f.kind)
 }
 
 // deliver sends p on Incoming, or to the backlog once the connection has
@@ -788,8 +934,11 @@ func (s *Stream) endLocked(c *conn, err error) bool {
 	if c.keepAlive != nil {
 		c.keepAlive.Stop()
 	}
-	if err != nil {
+	if err != nil && err != errSessionOver {
 		s.reportLocked(IOError{Connection: c.Conn, Error: err})
+	}
+	if s.session != nil && s.conn == nil {
+		s.session.down()
 	}
 	return true
 }
@@ -923,6 +1072,499 @@ func isDatagram(conn net.Conn) bool {
 		return true
 	}
 	return false
+}
+
+// ---- Resumable sessions ----
+
+const (
+	// DefaultReplayLimit is how many bytes of packets a resumable stream
+	// keeps for replay until the peer acknowledges them, unless
+	// SetReplayLimit says otherwise: 1 MiB, thousands of chat messages.
+	DefaultReplayLimit = 1 << 20
+	// DefaultHandshakeTimeout bounds a resumable connection's handshake
+	// unless Sessions.SetHandshakeTimeout says otherwise.
+	DefaultHandshakeTimeout = 10 * time.Second
+	// DefaultSessionExpiry is how long Sessions keeps a session whose client
+	// has gone, unless Sessions.SetExpiry says otherwise.
+	DefaultSessionExpiry = 2 * time.Minute
+
+	// tokenSize is the length of a session token: 128 random bits.
+	tokenSize = 16
+	// ackEvery and ackDelay say when a resumable stream acknowledges what
+	// it read: after this many packets, or this long after the first one
+	// not yet acknowledged, whichever comes first.
+	ackEvery = 32
+	ackDelay = 10 * time.Millisecond
+)
+
+// session is a resumable stream's state beyond one connection. Packets are
+// numbered implicitly, from 0, in the order they are sent; each side counts
+// what it read, tells the peer in acknowledgements, and on a new connection
+// the handshake says where to resume.
+type session struct {
+	s           *Stream
+	owner       *Sessions     // the accepting side's registry; nil on the dialing side
+	expireAfter time.Duration // on the accepting side
+
+	received  atomic.Uint64 // packets read in this session; written by the reader
+	sent      atomic.Uint64 // packets numbered so far; written by the writer
+	peerAcked atomic.Uint64 // the most packets the peer said it has read
+	ackArmed  atomic.Bool   // ackTimer runs
+	ackTimer  *time.Timer   // made by the first reader that needs it
+
+	// Guarded by Stream.mu.
+	token  [tokenSize]byte // zero until the accepting side issued one
+	expiry *time.Timer
+}
+
+// handshake is a resumable connection's state before packets flow.
+type handshake struct {
+	resumeFrom uint64      // how many of our packets the peer has read
+	fresh      bool        // a new session replaced a lost one
+	isReady    atomic.Bool // set once the fields above are final
+	resumed    bool        // the writer has acted on it
+}
+
+// Sessions is the accepting side of resumable streams: it gives each client
+// a stream that lives across the client's connections. Accept is safe to
+// call from any number of goroutines.
+type Sessions struct {
+	size int
+
+	mu               sync.Mutex
+	streams          map[[tokenSize]byte]*Stream
+	closed           bool
+	handshakeTimeout time.Duration
+	expiry           time.Duration
+}
+
+// NewSessions returns a registry of sessions whose streams have Incoming and
+// Outgoing channels of channelBufferSize packets.
+func NewSessions(channelBufferSize int) *Sessions {
+	if channelBufferSize < 0 {
+		panic(fmt.Sprintf("packet: NewSessions(%d): negative channel buffer size", channelBufferSize))
+	}
+	return &Sessions{
+		size:             channelBufferSize,
+		streams:          make(map[[tokenSize]byte]*Stream),
+		handshakeTimeout: DefaultHandshakeTimeout,
+		expiry:           DefaultSessionExpiry,
+	}
+}
+
+// SetHandshakeTimeout sets how long Accept waits for a client's hello,
+// DefaultHandshakeTimeout unless set.
+func (ss *Sessions) SetHandshakeTimeout(d time.Duration) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.handshakeTimeout = d
+}
+
+// SetExpiry sets how long a session whose client has gone is kept, waiting
+// for the client to come back, DefaultSessionExpiry unless set. Then its
+// stream is closed, and its Incoming with it. It applies to sessions
+// started after the call.
+func (ss *Sessions) SetExpiry(d time.Duration) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.expiry = d
+}
+
+// Accept reads a client's hello from conn and hands conn to the client's
+// session. For a new session it returns a new stream and isNew; start a
+// handler for it, which reads Incoming until it closes. For a returning
+// client it returns the session's stream, which now uses conn, and the
+// handler already running goes on.
+//
+// A client that sends nothing, too little or something else than a hello
+// within the handshake timeout gets conn closed and an error wrapping
+// ErrHandshake. A hello for a session this registry does not know (it
+// expired, or the server restarted) is answered so that the client starts a
+// new session on the same connection.
+func (ss *Sessions) Accept(conn net.Conn) (stream *Stream, isNew bool, err error) {
+	ss.mu.Lock()
+	timeout, closed := ss.handshakeTimeout, ss.closed
+	ss.mu.Unlock()
+	switch {
+	case closed:
+		err = fmt.Errorf("packet: sessions closed: %w", net.ErrClosed)
+	case isDatagram(conn):
+		err = fmt.Errorf("%w: resumable sessions need a byte stream, not %s", ErrHandshake, conn.LocalAddr().Network())
+	default:
+		conn.SetDeadline(time.Now().Add(timeout))
+		var from uint64
+		stream, isNew, from, err = ss.handshake(conn)
+		if err == nil {
+			conn.SetDeadline(time.Time{})
+			stream.setConnection(conn, &handshake{resumeFrom: from})
+			return stream, isNew, nil
+		}
+	}
+	conn.Close()
+	return nil, false, err
+}
+
+// Close closes every session's stream, telling their clients that the
+// session is over, and makes Accept refuse connections. It returns what the
+// streams could not send.
+func (ss *Sessions) Close() error {
+	ss.mu.Lock()
+	ss.closed = true
+	streams := make([]*Stream, 0, len(ss.streams))
+	for _, s := range ss.streams {
+		streams = append(streams, s)
+	}
+	ss.mu.Unlock()
+	errs := make([]error, len(streams))
+	var wg sync.WaitGroup
+	for i, s := range streams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = s.Close()
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// handshake reads the client's hello: a known session's stream, or a new
+// one. An unknown session is answered with a lost frame, after which the
+// client may send one more hello.
+func (ss *Sessions) handshake(conn net.Conn) (*Stream, bool, uint64, error) {
+	var buf [HeaderSize + tokenSize]byte
+	for range 2 {
+		if _, err := io.ReadFull(conn, buf[:HeaderSize]); err != nil {
+			return nil, false, 0, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
+		}
+		if !isControl(buf[:]) || buf[0] != frameHello {
+			return nil, false, 0, fmt.Errorf("%w: the first frame is not a hello", ErrHandshake)
+		}
+		if _, err := io.ReadFull(conn, buf[HeaderSize:]); err != nil {
+			return nil, false, 0, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
+		}
+		f, _ := parseControl(buf[:])
+		var token [tokenSize]byte
+		copy(token[:], buf[HeaderSize:])
+		if token == [tokenSize]byte{} {
+			s, err := ss.create()
+			return s, true, 0, err
+		}
+		ss.mu.Lock()
+		s := ss.streams[token]
+		ss.mu.Unlock()
+		if s != nil {
+			return s, false, f.arg, nil
+		}
+		if _, err := conn.Write(appendControl(nil, frameLost, 0)); err != nil {
+			return nil, false, 0, fmt.Errorf("%w: %w", ErrHandshake, err)
+		}
+	}
+	return nil, false, 0, fmt.Errorf("%w: a second hello for an unknown session", ErrHandshake)
+}
+
+// create starts a new session with a fresh token.
+func (ss *Sessions) create() (*Stream, error) {
+	s := NewStream(ss.size)
+	sess := &session{s: s, owner: ss}
+	rand.Read(sess.token[:])
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.closed {
+		s.Close()
+		return nil, fmt.Errorf("packet: sessions closed: %w", net.ErrClosed)
+	}
+	sess.expireAfter = ss.expiry
+	ss.streams[sess.token] = s
+	s.mu.Lock()
+	s.session = sess
+	s.mu.Unlock()
+	return s, nil
+}
+
+// EnableResume makes the stream resumable, on the dialing side: each
+// connection starts with a handshake with Sessions.Accept, and every packet
+// is delivered to the peer exactly once and in order, across any number of
+// connections, for as long as the session lives. Call it before the first
+// SetConnection; it panics afterwards. The peer must be a stream from
+// Sessions. Resume over a datagram connection is refused: such a
+// connection is reported with ErrHandshake and closed.
+func (s *Stream) EnableResume() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.last != nil {
+		panic("packet: EnableResume after SetConnection")
+	}
+	if s.session == nil {
+		s.session = &session{s: s}
+	}
+}
+
+// SetReplayLimit sets how many bytes of packets a resumable stream keeps
+// until the peer acknowledges them, DefaultReplayLimit unless set. When it
+// is reached the stream takes nothing more from Outgoing, so senders block.
+// A packet larger than the limit is still sent, alone. It panics if n is
+// negative.
+func (s *Stream) SetReplayLimit(n int) {
+	if n < 0 {
+		panic(fmt.Sprintf("packet: SetReplayLimit(%d): negative size", n))
+	}
+	s.replayLimit.Store(int64(n))
+}
+
+// KeepConnected keeps the stream connected while it is open: it dials at
+// once if the stream has no connection, and again whenever a connection
+// fails, then hands the new connection to SetConnection. After a failed dial
+// it waits before the next, from 50 ms doubling up to maxWait, each wait
+// drawn at random from its upper half so that the clients of a server that
+// restarts do not all come back at once. It runs as an OnError callback,
+// after those registered before it; a report that leaves the connection up
+// (an oversized packet, ErrSessionLost) does not make it dial.
+func (s *Stream) KeepConnected(dial func() (net.Conn, error), maxWait time.Duration) {
+	redial := func(IOError) { s.redial(dial, maxWait) }
+	s.OnError(redial)
+	if s.liveConn() == nil {
+		go redial(IOError{})
+	}
+}
+
+// redial dials until a connection is set or the stream closes.
+func (s *Stream) redial(dial func() (net.Conn, error), maxWait time.Duration) {
+	wait := 50 * time.Millisecond
+	for s.liveConn() == nil && !s.closingNow() {
+		conn, err := dial()
+		if err == nil {
+			s.SetConnection(conn)
+			return
+		}
+		pause := time.NewTimer(wait/2 + mrand.N(wait/2+1))
+		select {
+		case <-pause.C:
+		case <-s.closing:
+			pause.Stop()
+			return
+		}
+		wait = max(min(2*wait, maxWait), time.Millisecond)
+	}
+}
+
+// ready tells whether c's handshake, if it has one, is done.
+func (c *conn) ready() bool {
+	return c.hs == nil || c.hs.isReady.Load()
+}
+
+// handshake opens a resumable connection: the dialing side sends its hello
+// and reads the welcome; the accepting side, whose Accept read the hello,
+// sends the welcome. Either way the count of packets received is final, as
+// the previous connection's reader has exited.
+func (r *reader) handshake(cr *connReader, d *Decoder) error {
+	c, s, sess := r.c, r.s, r.sess
+	c.SetDeadline(time.Now().Add(DefaultHandshakeTimeout))
+	defer c.SetDeadline(time.Time{})
+	s.mu.Lock()
+	token := sess.token
+	s.mu.Unlock()
+	if sess.owner != nil {
+		welcome := appendControl(make([]byte, 0, HeaderSize+tokenSize), frameWelcome, sess.received.Load())
+		if _, err := c.Write(append(welcome, token[:]...)); err != nil {
+			return err
+		}
+		return r.ready(c.hs.resumeFrom)
+	}
+	for {
+		hello := appendControl(make([]byte, 0, HeaderSize+tokenSize), frameHello, sess.received.Load())
+		if _, err := c.Write(append(hello, token[:]...)); err != nil {
+			return err
+		}
+		p, f, err := d.next(true)
+		switch {
+		case err != nil:
+			return err
+		case p == nil && f.kind == frameWelcome:
+			var issued [tokenSize]byte
+			if _, err := io.ReadFull(cr, issued[:]); err != nil {
+				return err
+			}
+			if issued == [tokenSize]byte{} || (token != [tokenSize]byte{} && issued != token) {
+				return fmt.Errorf("%w: the welcome names another session", ErrHandshake)
+			}
+			s.mu.Lock()
+			sess.token = issued
+			s.mu.Unlock()
+			return r.ready(f.arg)
+		case p == nil && f.kind == frameLost && token != [tokenSize]byte{}:
+			// The server no longer knows the session: start a new one on
+			// this connection, and send everything not acknowledged again.
+			s.report(c, fmt.Errorf("%w: starting a new session", ErrSessionLost))
+			token = [tokenSize]byte{}
+			s.mu.Lock()
+			sess.token = token
+			s.mu.Unlock()
+			sess.received.Store(0)
+			sess.peerAcked.Store(0)
+			c.hs.fresh = true
+		default:
+			return fmt.Errorf("%w: no welcome in answer to the hello", ErrHandshake)
+		}
+	}
+}
+
+// ready ends the handshake: the peer has read from packets of ours, and the
+// writer may start.
+func (r *reader) ready(from uint64) error {
+	r.sess.acknowledged(from)
+	r.c.hs.resumeFrom = from
+	r.c.hs.isReady.Store(true)
+	r.s.wakeWriter()
+	return nil
+}
+
+// count counts a packet read on a resumable stream and asks for an
+// acknowledgement when one is due.
+func (r *reader) count() {
+	sess := r.sess
+	sess.received.Add(1)
+	r.toAck++
+	if r.toAck >= ackEvery {
+		r.toAck = 0
+		r.c.due.Or(dueAck)
+		r.s.wakeWriter()
+		return
+	}
+	if !sess.ackArmed.Load() && !sess.ackArmed.Swap(true) {
+		if sess.ackTimer == nil {
+			sess.ackTimer = time.AfterFunc(ackDelay, sess.ackNow)
+		} else {
+			sess.ackTimer.Reset(ackDelay)
+		}
+	}
+}
+
+// ackNow asks the writer for an acknowledgement on the live connection.
+func (sess *session) ackNow() {
+	sess.ackArmed.Store(false)
+	if c := sess.s.liveConn(); c != nil {
+		c.due.Or(dueAck)
+		sess.s.wakeWriter()
+	}
+}
+
+// acknowledged notes that the peer has read n packets.
+func (sess *session) acknowledged(n uint64) {
+	for {
+		old := sess.peerAcked.Load()
+		if n <= old || sess.peerAcked.CompareAndSwap(old, n) {
+			return
+		}
+	}
+}
+
+// down notes that the stream has no connection: on the accepting side, the
+// session expires unless the client comes back in time. The caller holds
+// Stream.mu.
+func (sess *session) down() {
+	if sess.owner == nil || sess.expireAfter <= 0 {
+		return
+	}
+	if sess.expiry == nil {
+		sess.expiry = time.AfterFunc(sess.expireAfter, func() { sess.s.Close() })
+		return
+	}
+	sess.expiry.Reset(sess.expireAfter)
+}
+
+// up notes that the stream has a connection again. The caller holds
+// Stream.mu.
+func (sess *session) up() {
+	if sess.expiry != nil {
+		sess.expiry.Stop()
+	}
+}
+
+// closed forgets a closed stream's session.
+func (sess *session) closed() {
+	s := sess.s
+	s.mu.Lock()
+	if sess.expiry != nil {
+		sess.expiry.Stop()
+	}
+	token := sess.token
+	s.mu.Unlock()
+	if sess.ackTimer != nil {
+		sess.ackTimer.Stop()
+	}
+	if ss := sess.owner; ss != nil {
+		ss.mu.Lock()
+		if ss.streams[token] == s {
+			delete(ss.streams, token)
+		}
+		ss.mu.Unlock()
+	}
+}
+
+// endSession closes a stream whose peer ended the session. What it could not
+// send is reported, since nobody else learns of it.
+func (s *Stream) endSession() {
+	err := s.Close()
+	if err == nil {
+		return
+	}
+	s.mu.Lock()
+	handlers := s.handlers
+	s.mu.Unlock()
+	e := IOError{Error: fmt.Errorf("%w: %w", ErrSessionEnded, err)}
+	for _, h := range handlers {
+		h(e)
+	}
+}
+
+// resume acts on a resumable connection's handshake before the writer
+// serves it: it drops what the peer has read and sends the rest again first.
+func (w *writer) resume(c *conn) error {
+	if c.hs == nil || c.hs.resumed {
+		return nil
+	}
+	c.hs.resumed = true
+	if c.hs.fresh {
+		w.pending = append(w.replay, w.pending...)
+		w.replay, w.acked = nil, 0
+	}
+	from, written := c.hs.resumeFrom, w.acked+uint64(len(w.replay))
+	if from < w.acked || from > written {
+		return fmt.Errorf("%w: the peer has read %d packets, %d to %d were expected", ErrHandshake, from, w.acked, written)
+	}
+	w.drop(int(from - w.acked))
+	if len(w.replay) > 0 {
+		w.pending = append(w.replay, w.pending...)
+		w.replay = nil
+	}
+	return nil
+}
+
+// trim drops from the replay buffer what the peer has acknowledged.
+func (w *writer) trim() error {
+	if w.sess == nil {
+		return nil
+	}
+	to := w.sess.peerAcked.Load()
+	if to <= w.acked {
+		return nil
+	}
+	if to > w.acked+uint64(len(w.replay)) {
+		return fmt.Errorf("%w: acknowledges %d packets, %d written", ErrHandshake, to, w.acked+uint64(len(w.replay)))
+	}
+	w.drop(int(to - w.acked))
+	return nil
+}
+
+// drop removes the first n packets of the replay buffer.
+func (w *writer) drop(n int) {
+	for i, p := range w.replay[:n] {
+		w.held -= HeaderSize + len(p.Data)
+		w.replay[i] = nil
+	}
+	w.replay = w.replay[n:]
+	w.acked += uint64(n)
 }
 
 // ---- connReader ----

@@ -813,7 +813,7 @@ func TestCloseFlushesQueuedAndClosesIncoming(t *testing.T) {
 		s.Outgoing <- numbered(i, 100)
 	}
 	require.NoError(t, s.Close())
-	assert.Empty(t, streamGoroutines(), "every stream goroutine has exited")
+	assert.Empty(t, waitForStreamGoroutines(5*time.Second), "every stream goroutine has exited")
 
 	got := make(chan int, 1000)
 	err := readNumbers(peer, got)
@@ -877,7 +877,7 @@ func TestCloseUnblocksReaderAndStuckWriter(t *testing.T) {
 	err := <-done
 	assert.ErrorIs(t, err, packet.ErrUnsent, "the peer never read the queued packet")
 	assert.LessOrEqual(t, received, 10)
-	assert.Empty(t, streamGoroutines())
+	assert.Empty(t, waitForStreamGoroutines(5*time.Second))
 }
 
 // A send that blocked on a full Outgoing before Close is released by Close,
