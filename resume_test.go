@@ -454,3 +454,52 @@ func TestReplayLimitBlocksSenders(t *testing.T) {
 	assert.GreaterOrEqual(t, accepted, 16)
 	assert.LessOrEqual(t, accepted, 16+4+1, "replay limit and Outgoing")
 }
+
+// resumablePair returns a resumable client stream and its session's stream
+// on the accepting side, over loopback TCP.
+func resumablePair(t testing.TB, size int) (*packet.Stream, *packet.Stream) {
+	ln := listen(t)
+	sessions := packet.NewSessions(size)
+	t.Cleanup(func() { sessions.Close() })
+	accepted := make(chan *packet.Stream, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		s, _, err := sessions.Accept(c)
+		if err == nil {
+			accepted <- s
+		}
+	}()
+	client := newStream(t, size)
+	client.EnableResume()
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	client.SetConnection(conn)
+	return client, <-accepted
+}
+
+// BenchmarkResumeCost runs the one-way and ping-pong benchmarks on plain and
+// on resumable streams, side by side.
+func BenchmarkResumeCost(b *testing.B) {
+	for _, resumable := range []bool{false, true} {
+		name := map[bool]string{false: "plain", true: "resumable"}[resumable]
+		setup := func(b *testing.B) (*packet.Stream, *packet.Stream) {
+			if resumable {
+				return resumablePair(b, 16)
+			}
+			return tcpStreams(b, 16)
+		}
+		for _, bs := range benchSizes {
+			b.Run("OneWay"+bs.name+"/"+name, func(b *testing.B) {
+				x, y := setup(b)
+				oneWay(b, x, y, bs.n)
+			})
+		}
+		b.Run("PingPong/"+name, func(b *testing.B) {
+			x, y := setup(b)
+			pingPong(b, x, y)
+		})
+	}
+}

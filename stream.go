@@ -171,7 +171,8 @@ type reader struct {
 	s    *Stream
 	c    *conn
 	sess *session // nil unless resumable
-	// toAck counts packets read since the last acknowledgement was asked for.
+	// toAck counts the bytes read since the last acknowledgement was asked
+	// for.
 	toAck int
 	// diverted is set once c has ended while a packet waited for Incoming:
 	// from then on what c still yields goes to the stream's backlog, for the
@@ -794,7 +795,7 @@ func (r *reader) readStream(cr *connReader, d *Decoder) error {
 			continue
 		}
 		if r.sess != nil {
-			r.count()
+			r.count(p)
 		}
 		if !r.deliver(p) {
 			return nil
@@ -1090,10 +1091,11 @@ const (
 
 	// tokenSize is the length of a session token: 128 random bits.
 	tokenSize = 16
-	// ackEvery and ackDelay say when a resumable stream acknowledges what
-	// it read: after this many packets, or this long after the first one
-	// not yet acknowledged, whichever comes first.
-	ackEvery = 32
+	// ackBytes and ackDelay say when a resumable stream acknowledges what
+	// it read: after this many bytes, or this long after the first packet
+	// not yet acknowledged, whichever comes first. An acknowledgement is a
+	// 9 byte frame, so a steady flow pays one per 32 KiB.
+	ackBytes = 32 << 10
 	ackDelay = 10 * time.Millisecond
 )
 
@@ -1421,11 +1423,11 @@ func (r *reader) ready(from uint64) error {
 
 // count counts a packet read on a resumable stream and asks for an
 // acknowledgement when one is due.
-func (r *reader) count() {
+func (r *reader) count(p *Packet) {
 	sess := r.sess
 	sess.received.Add(1)
-	r.toAck++
-	if r.toAck >= ackEvery {
+	r.toAck += HeaderSize + len(p.Data)
+	if r.toAck >= ackBytes {
 		r.toAck = 0
 		r.c.due.Or(dueAck)
 		r.s.wakeWriter()
@@ -1557,13 +1559,15 @@ func (w *writer) trim() error {
 	return nil
 }
 
-// drop removes the first n packets of the replay buffer.
+// drop removes the first n packets of the replay buffer, keeping its array
+// for reuse.
 func (w *writer) drop(n int) {
-	for i, p := range w.replay[:n] {
+	for _, p := range w.replay[:n] {
 		w.held -= HeaderSize + len(p.Data)
-		w.replay[i] = nil
 	}
-	w.replay = w.replay[n:]
+	rest := copy(w.replay, w.replay[n:])
+	clear(w.replay[rest:])
+	w.replay = w.replay[:rest]
 	w.acked += uint64(n)
 }
 
