@@ -46,6 +46,10 @@ type Decoder struct {
 	header  [HeaderSize]byte
 	slab    []byte
 	packets []Packet
+	// grown counts the blocks and groups allocated so far: the first are
+	// small, so a connection that carries a few packets costs little, and
+	// they double up to full size while traffic keeps coming.
+	slabs, groups int
 	// received counts the bytes read since the decoder was made or reset:
 	// what the peer has paid for, and so may be trusted with.
 	received int64
@@ -103,8 +107,12 @@ const (
 	// trustedSize is the largest payload allocated whole as soon as its
 	// header arrives; see readPayload for larger ones.
 	trustedSize = 64 << 10
-	// packetBlock is how many Packet values are allocated at once.
+	// packetBlock is how many Packet values are allocated at once, at most.
 	packetBlock = 64
+	// firstSlab and firstGroup are the sizes of a decoder's first block and
+	// group; each next one is twice as large, up to slabSize and packetBlock.
+	firstSlab  = 512
+	firstGroup = 2
 	// copyLimit is the largest payload that a batch copies next to its
 	// header; larger payloads are written in place (writev).
 	copyLimit = 16 << 10
@@ -290,7 +298,9 @@ func (d *Decoder) alloc(n int) []byte {
 		return make([]byte, n)
 	}
 	if n > len(d.slab) {
-		d.slab = make([]byte, slabSize)
+		size := min(firstSlab<<min(d.slabs, 6), slabSize)
+		d.slab = make([]byte, max(size, n))
+		d.slabs++
 	}
 	b := d.slab[:n:n]
 	d.slab = d.slab[n:]
@@ -306,7 +316,8 @@ func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
 		return &Packet{Type: typ, Data: data}
 	}
 	if len(d.packets) == 0 {
-		d.packets = make([]Packet, packetBlock)
+		d.packets = make([]Packet, min(firstGroup<<min(d.groups, 5), packetBlock))
+		d.groups++
 	}
 	p := &d.packets[0]
 	d.packets = d.packets[1:]

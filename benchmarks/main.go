@@ -11,6 +11,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -20,6 +21,8 @@ func main() {
 	var pf peerFlags
 	pf.register()
 	quick := flag.Bool("quick", false, "smoke run of a few seconds: one run, short sends, 500 connections")
+	only := flag.String("only", "1,2,3,4", "the `workloads` to run: 1 one-way, 2 ping-pong, 3 allocations, 4 many connections")
+	runs := flag.Int("runs", 0, "`runs` of each workload, if not the default")
 	flag.Parse()
 	if pf.kind != "" {
 		runPeer(pf)
@@ -30,14 +33,18 @@ func main() {
 	if *quick {
 		p = params{runs: 1, dur: 50 * time.Millisecond, conns: 500, rounds: 2}
 	}
+	if *runs > 0 {
+		p.runs = *runs
+	}
 	start := time.Now()
 	fmt.Printf("machine: %s, %d cores (GOMAXPROCS %d), %s %s/%s\n",
 		cpuModel(), runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.Version(), runtime.GOOS, runtime.GOARCH)
 	fmt.Printf("each value is the median of %d runs, libraries alternating within each run\n", p.runs)
-	oneWay(p)
-	roundTrip(p)
-	allocations(p)
-	manyConns(p)
+	for i, workload := range []func(params){oneWay, roundTrip, allocations, manyConns} {
+		if strings.Contains(*only, strconv.Itoa(i+1)) {
+			workload(p)
+		}
+	}
 	fmt.Printf("\ntotal time %.0f s\n", time.Since(start).Seconds())
 }
 
