@@ -7,12 +7,11 @@
 //
 // A Stream carries packets over a connection that can be replaced while it
 // runs: send on its Outgoing channel, receive from Incoming, and when the
-// connection drops, dial again and hand the new one to SetConnection. Packets
-// queued meanwhile go out on the new connection. Any number of goroutines may
-// send on Outgoing and call the Stream's methods; the Stream is the only
-// receiver on Outgoing and the only sender on Incoming, and it closes
-// Incoming after Close. It owns the connections it is given and closes them.
-// Over UDP or unixgram, each datagram carries whole packets.
+// connection drops, hand a new one to SetConnection (or let KeepConnected
+// dial). Keep-alive and a write timeout find connections that died without a
+// word, and resumable sessions (Stream.EnableResume, Sessions) deliver every
+// packet exactly once across reconnects. The Stream type's documentation
+// says which goroutines may do what.
 package packet
 
 import (
