@@ -21,6 +21,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // Packet is one typed message: a type byte chosen by the application and a
@@ -49,6 +50,9 @@ type Decoder struct {
 	// small, so a connection that carries a few packets costs little, and
 	// they double up to full size while traffic keeps coming.
 	slabs, groups int
+	// spare is a released packet whose payload alloc handed out; newPacket
+	// reuses it.
+	spare *Packet
 	// received counts the bytes read since the decoder was made or reset:
 	// what the peer has paid for, and so may be trusted with.
 	received int64
@@ -127,6 +131,7 @@ var smallPool = sync.Pool{New: func() any { b := make([]byte, 0, HeaderSize+copy
 type batch struct {
 	buf   []byte      // headers, control frames and copied payloads
 	vec   net.Buffers // set once a payload is referred to in place
+	out   net.Buffers // what writeTo has left to write
 	start int         // buf[start:] is not yet in vec
 }
 
@@ -186,14 +191,114 @@ func (b *batch) writeTo(w io.Writer) (int64, error) {
 	if b.start < len(b.buf) {
 		b.vec = append(b.vec, b.buf[b.start:])
 	}
-	vec := b.vec // WriteTo consumes the slice it is called on
-	return vec.WriteTo(w)
+	// WriteTo consumes the slice it is called on; a field of b, unlike a
+	// local copy, does not escape to the heap on every call.
+	b.out = b.vec
+	n, err := b.out.WriteTo(w)
+	b.out = nil
+	return n, err
 }
 
 // reset empties the batch and drops its references to payloads.
 func (b *batch) reset() {
 	clear(b.vec)
 	b.buf, b.vec, b.start = b.buf[:0], b.vec[:0], 0
+}
+
+// Release hands a received packet back for reuse: a later packet read by
+// any Stream or Decoder of this process may reuse the packet and its
+// payload's memory. It is optional; a packet never released is reclaimed by
+// the garbage collector as usual.
+//
+// The rule: release only a packet you received (from Incoming or Decode),
+// once, when nothing refers to it or to its Data any more; after Release,
+// do not touch the packet or its Data again. Never release a packet you
+// sent on Outgoing. Payloads up to 2 KiB share memory with other packets
+// and are not reused, so releasing them only sets Data to nil; releasing a
+// packet a second time does nothing.
+func (p *Packet) Release() {
+	c := cap(p.Data)
+	if c <= slabMax {
+		p.Data = nil
+		return
+	}
+	if len(p.Data) == 0 {
+		return // released already
+	}
+	k := classAtMost(c)
+	if k < 0 {
+		p.Data = nil
+		return
+	}
+	releasing.Store(true)
+	p.Type, p.Data = 0, p.Data[:0]
+	released[k].Put(p)
+}
+
+// Released packets wait for reuse in pools by the capacity of their
+// payload: pool k holds packets with at least classSize(k) bytes of
+// capacity. There are four classes per doubling, from 4 KiB to 64 MiB, so a
+// reused payload wastes at most a quarter of its capacity.
+var (
+	released  [numClasses]sync.Pool
+	releasing atomic.Bool // Release was called: payloads get a class's capacity
+)
+
+const (
+	minClass   = 4 << 10
+	numClasses = 4 * 15 // 4 KiB to 64 MiB
+)
+
+// classSize is the capacity of size class k.
+func classSize(k int) int {
+	return minClass << (k / 4) * (4 + k%4) / 4
+}
+
+// classAtLeast returns the smallest class of at least n bytes, or -1.
+func classAtLeast(n int) int {
+	for k := range numClasses {
+		if classSize(k) >= n {
+			return k
+		}
+	}
+	return -1
+}
+
+// classAtMost returns the largest class of at most c bytes, or -1.
+func classAtMost(c int) int {
+	k := classAtLeast(c)
+	switch {
+	case k < 0:
+		return numClasses - 1
+	case classSize(k) > c:
+		return k - 1
+	}
+	return k
+}
+
+// reuse returns a released packet whose payload can hold n bytes, or nil.
+func reuse(n int) *Packet {
+	if !releasing.Load() {
+		return nil
+	}
+	if k := classAtLeast(n); k >= 0 {
+		if p, _ := released[k].Get().(*Packet); p != nil {
+			return p
+		}
+	}
+	return nil
+}
+
+// makePayload allocates an n byte payload. Once packets are being released,
+// its capacity is rounded up to a size class, so that it can be reused for
+// the next payload of about the same size.
+func makePayload(n int) []byte {
+	if releasing.Load() {
+		if k := classAtLeast(n); k >= 0 {
+			return make([]byte, n, classSize(k))
+		}
+	}
+	return make([]byte, n)
 }
 
 // NewDecoder returns a decoder that reads packets from r and refuses
@@ -294,7 +399,11 @@ func (d *Decoder) readPayload(n int) ([]byte, error) {
 // payload never overwrites the next.
 func (d *Decoder) alloc(n int) []byte {
 	if n > slabMax {
-		return make([]byte, n)
+		if p := reuse(n); p != nil {
+			d.spare = p
+			return p.Data[:n]
+		}
+		return makePayload(n)
 	}
 	if n > len(d.slab) {
 		size := min(firstSlab<<min(d.slabs, 6), slabSize)
@@ -312,7 +421,13 @@ func (d *Decoder) alloc(n int) []byte {
 // alive for as long as any of them is kept.
 func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
 	if len(data) > slabMax {
-		return &Packet{Type: typ, Data: data}
+		p := d.spare
+		if p == nil {
+			p = new(Packet)
+		}
+		d.spare = nil
+		p.Type, p.Data = typ, data
+		return p
 	}
 	if len(d.packets) == 0 {
 		d.packets = make([]Packet, min(firstGroup<<min(d.groups, 5), packetBlock))

@@ -1316,37 +1316,76 @@ func (s *Stream) SetReplayLimit(n int) {
 
 // KeepConnected keeps the stream connected while it is open: it dials at
 // once if the stream has no connection, and again whenever a connection
-// fails, then hands the new connection to SetConnection. After a failed dial
-// it waits before the next, from 50 ms doubling up to maxWait, each wait
-// drawn at random from its upper half so that the clients of a server that
-// restarts do not all come back at once. It runs as an OnError callback,
-// after those registered before it; a report that leaves the connection up
-// (an oversized packet, ErrSessionLost) does not make it dial.
+// fails, then hands the new connection to SetConnection. It backs off while
+// dials fail, and also while connections fail soon after they were made (a
+// server that accepts and drops, a proxy whose backend is down): the wait
+// starts at 50 ms and doubles up to maxWait, each wait drawn at random from
+// its upper half so that the clients of a server that restarts do not all
+// come back at once. A connection that lasted maxWait resets the wait. It
+// runs as an OnError callback, after those registered before it; a report
+// that leaves the connection up (an oversized packet, ErrSessionLost) does
+// not make it dial.
 func (s *Stream) KeepConnected(dial func() (net.Conn, error), maxWait time.Duration) {
-	redial := func(IOError) { s.redial(dial, maxWait) }
-	s.OnError(redial)
+	r := &redialer{s: s, dial: dial, maxWait: max(maxWait, time.Millisecond), wait: minRedialWait}
+	s.OnError(func(IOError) { r.run() })
 	if s.liveConn() == nil {
-		go redial(IOError{})
+		go r.run()
 	}
 }
 
-// redial dials until a connection is set or the stream closes.
-func (s *Stream) redial(dial func() (net.Conn, error), maxWait time.Duration) {
-	wait := 50 * time.Millisecond
+// minRedialWait is KeepConnected's first wait between failures.
+const minRedialWait = 50 * time.Millisecond
+
+// redialer is KeepConnected's state. mu makes its runs one at a time: the
+// first on a goroutine of its own, the others on the callback goroutine.
+type redialer struct {
+	mu        sync.Mutex
+	s         *Stream
+	dial      func() (net.Conn, error)
+	maxWait   time.Duration
+	wait      time.Duration // before the next dial, after a failure
+	connected time.Time     // when the last connection was set
+}
+
+// run dials until a connection is set or the stream closes.
+func (r *redialer) run() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.s
+	if s.liveConn() != nil || s.closingNow() {
+		return
+	}
+	if !r.connected.IsZero() {
+		if time.Since(r.connected) >= r.maxWait {
+			r.wait = minRedialWait
+		} else if !r.pause() {
+			return // the connection failed soon: back off as for a failed dial
+		}
+	}
 	for s.liveConn() == nil && !s.closingNow() {
-		conn, err := dial()
+		conn, err := r.dial()
 		if err == nil {
+			r.connected = time.Now()
 			s.SetConnection(conn)
 			return
 		}
-		pause := time.NewTimer(wait/2 + mrand.N(wait/2+1))
-		select {
-		case <-pause.C:
-		case <-s.closing:
-			pause.Stop()
+		if !r.pause() {
 			return
 		}
-		wait = max(min(2*wait, maxWait), time.Millisecond)
+	}
+}
+
+// pause waits before the next dial and doubles the wait; it returns false
+// if the stream closed meanwhile.
+func (r *redialer) pause() bool {
+	t := time.NewTimer(r.wait/2 + mrand.N(r.wait/2+1))
+	defer t.Stop()
+	r.wait = min(2*r.wait, r.maxWait)
+	select {
+	case <-t.C:
+		return true
+	case <-r.s.closing:
+		return false
 	}
 }
 

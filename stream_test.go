@@ -1902,6 +1902,35 @@ func TestUnknownControlFrame(t *testing.T) {
 	assert.True(t, errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed), "dropped: %v", err)
 }
 
+// KeepConnected reconnects after a failure, and backs off when connections
+// fail as soon as they are made, as to a server that accepts and drops.
+func TestKeepConnectedBacksOff(t *testing.T) {
+	ln := listen(t)
+	var accepted atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			c.Close()
+		}
+	}()
+	s := newStream(t, 16)
+	s.KeepConnected(func() (net.Conn, error) { return net.Dial("tcp", ln.Addr().String()) }, 100*time.Millisecond)
+	deadline := time.Now().Add(10 * time.Second)
+	for accepted.Load() < 3 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	require.GreaterOrEqual(t, accepted.Load(), int32(3), "it reconnects after each failure")
+	time.Sleep(time.Second)
+	// With waits of 25-50, 50-100 and then 50-100 ms, one second allows
+	// about 15 connections; without backing off it made thousands.
+	assert.Less(t, accepted.Load(), int32(40))
+	require.NoError(t, s.Close())
+}
+
 // ---- Resumable sessions ----
 
 // A resumable stream talks to its session like a plain one; Close on the
@@ -2234,6 +2263,28 @@ func BenchmarkStreamOneWay(b *testing.B) {
 		b.Run(bs.name, func(b *testing.B) {
 			sender, receiver := tcpStreams(b, 16)
 			oneWay(b, sender, receiver, bs.n)
+		})
+	}
+}
+
+// BenchmarkStreamOneWayRelease is BenchmarkStreamOneWay with a receiver
+// that releases each packet once it is done with it.
+func BenchmarkStreamOneWayRelease(b *testing.B) {
+	for _, bs := range benchSizes {
+		b.Run(bs.name, func(b *testing.B) {
+			sender, receiver := tcpStreams(b, 16)
+			p := packet.New(1, make([]byte, bs.n))
+			b.ReportAllocs()
+			b.SetBytes(int64(bs.n))
+			b.ResetTimer()
+			go func() {
+				for range b.N {
+					sender.Outgoing <- p
+				}
+			}()
+			for range b.N {
+				(<-receiver.Incoming).Release()
+			}
 		})
 	}
 }
