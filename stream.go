@@ -153,6 +153,7 @@ type writer struct {
 	s       *Stream
 	pending []*Packet
 	batch   batch
+	block   *[]byte     // from blockPool while the writer is busy
 	timer   *time.Timer // write timeout, made on first use
 	writing atomic.Pointer[conn]
 	closing bool // finish has started
@@ -431,6 +432,7 @@ func (s *Stream) writeLoop() {
 			return
 		}
 		if c == nil || !c.ready() {
+			w.idle()
 			<-s.wake // SetConnection, handshakes and Close wake it
 			continue
 		}
@@ -453,6 +455,7 @@ func (w *writer) serve(c *conn) error {
 	for {
 		if len(w.pending) == 0 && c.due.Load() == 0 {
 			if w.full() {
+				w.idle()
 				<-w.s.wake // an acknowledgement makes room
 			} else {
 				w.receive(c)
@@ -482,11 +485,21 @@ func (w *writer) receive(c *conn) {
 	case p := <-w.s.outgoing:
 		w.take(c, p)
 	default:
+		w.idle()
 		select {
 		case p := <-w.s.outgoing:
 			w.take(c, p)
 		case <-w.s.wake:
 		}
+	}
+}
+
+// idle gives the writer's block back to the pool while it has nothing to
+// write: an idle stream holds no buffer.
+func (w *writer) idle() {
+	if w.block != nil {
+		blockPool.Put(w.block)
+		w.block = nil
 	}
 }
 
@@ -509,6 +522,7 @@ func (w *writer) finish(c *conn) error {
 	}
 	// Count what is left, and release senders blocked on a full Outgoing:
 	// each receive lets one of them through.
+	w.idle()
 	unsent := len(w.pending) + len(w.replay) + w.refused
 	for {
 		select {
@@ -628,9 +642,10 @@ func batchSize(p *Packet, copied, total int) (int, int) {
 // send writes the control frames due and pending to c, and keeps in pending
 // the packets that were not completely written.
 func (w *writer) send(c *conn) error {
-	bp := blockPool.Get().(*[]byte)
-	defer blockPool.Put(bp)
-	w.batch.buf = (*bp)[:0]
+	if w.block == nil {
+		w.block = blockPool.Get().(*[]byte)
+	}
+	w.batch.buf = (*w.block)[:0]
 	var control int
 	if c.due.Load() != 0 {
 		due := c.due.Swap(0)
@@ -659,7 +674,7 @@ func (w *writer) send(c *conn) error {
 		done, err = w.sendStream(c, control)
 	}
 	w.stopWrite()
-	w.batch.buf = nil // the block goes back to the pool
+	w.batch.buf = nil
 	if w.sess != nil {
 		w.replay = append(w.replay, w.pending[:done]...)
 	}
@@ -675,7 +690,7 @@ func (w *writer) sendStream(c *conn, control int) (int, error) {
 	for _, p := range w.pending {
 		w.batch.add(p)
 	}
-	n, err := w.batch.writeTo(c)
+	n, err := w.batch.writeTo(c.Conn) // the net.Conn itself, for writev
 	if err == nil {
 		return len(w.pending), nil
 	}
@@ -1636,8 +1651,10 @@ func (cr *connReader) Read(p []byte) (int, error) {
 		}
 		if len(p) >= directRead {
 			// A large read goes straight to its destination: a buffer
-			// would only add a copy.
-			cr.full = true
+			// would only add a copy. What follows is a header, likely of
+			// another large payload: read it into the small array, so that
+			// little of that payload is copied through a buffer.
+			cr.full = false
 			n, err := cr.c.Read(p)
 			cr.c.arrived.Store(true)
 			return n, err

@@ -39,6 +39,16 @@ type kind struct {
 	// fixed means the kind only carries 16 byte payloads (the bare
 	// reference), so only the ping-pong and idle workloads use it.
 	fixed bool
+	// releases means the receiver hands each message back to the library
+	// once it has counted it, which only the throughput and allocation
+	// workloads do; the others echo what they receive.
+	releases bool
+}
+
+// releaser is an endpoint that can hand the message recv last returned
+// back to its library for reuse.
+type releaser interface {
+	release()
 }
 
 // kinds lists what is compared. The baselines come first: ratios are taken
@@ -48,7 +58,9 @@ var kinds = []kind{
 	{name: "stdlib", serve: acceptLoop(newBuffered), dial: dialWith(newBuffered)},
 	{name: "floor", serve: acceptLoop(newFloorEnd), dial: dialWith(newFloorEnd)},
 	{name: "packet", serve: acceptLoop(newStream), dial: dialWith(newStream)},
+	{name: "packet+Release", serve: acceptLoop(newReleasingStream), dial: dialWith(newReleasingStream), releases: true},
 	{name: "go-msgio", serve: acceptLoop(newMsgio), dial: dialWith(newMsgio)},
+	{name: "go-msgio+Release", serve: acceptLoop(newReleasingMsgio), dial: dialWith(newReleasingMsgio), releases: true},
 	{name: "websocket", serve: serveWebsocket, dial: dialWebsocket},
 }
 
@@ -206,6 +218,31 @@ func (e *stream) recv() (byte, []byte, error) {
 
 func (e *stream) close() error { return e.s.Close() }
 
+// releasingStream is stream with a receiver that calls Packet.Release on
+// each packet once it has counted it.
+type releasingStream struct {
+	*stream
+	last *packet.Packet
+}
+
+func newReleasingStream(c net.Conn) endpoint {
+	return &releasingStream{stream: newStream(c).(*stream)}
+}
+
+func (e *releasingStream) recv() (byte, []byte, error) {
+	p, ok := <-e.s.Incoming
+	if !ok {
+		return e.stream.recv()
+	}
+	e.last = p
+	return p.Type, p.Data, nil
+}
+
+func (e *releasingStream) release() {
+	e.last.Release()
+	e.last = nil
+}
+
 // floorEnd is the design's floor (see floor.go), used as the library is:
 // channels of 16 each way, a packet.New for every message sent.
 type floorEnd struct {
@@ -274,6 +311,28 @@ func (e *msgioEnd) send(typ byte, data []byte) error { return e.w.WriteMsg(e.joi
 func (e *msgioEnd) flush() error                     { return nil }
 func (e *msgioEnd) recv() (byte, []byte, error)      { return split(e.r.ReadMsg()) }
 func (e *msgioEnd) close() error                     { return e.c.Close() }
+
+// releasingMsgio is msgioEnd with a receiver that gives each message back
+// with ReleaseMsg once it has counted it.
+type releasingMsgio struct {
+	*msgioEnd
+	last []byte
+}
+
+func newReleasingMsgio(c net.Conn) endpoint {
+	return &releasingMsgio{msgioEnd: newMsgio(c).(*msgioEnd)}
+}
+
+func (e *releasingMsgio) recv() (byte, []byte, error) {
+	msg, err := e.r.ReadMsg()
+	e.last = msg
+	return split(msg, err)
+}
+
+func (e *releasingMsgio) release() {
+	e.r.ReleaseMsg(e.last)
+	e.last = nil
+}
 
 // wsEnd is gorilla/websocket with binary messages and default buffer sizes.
 type wsEnd struct {

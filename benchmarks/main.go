@@ -78,6 +78,9 @@ func roundTrip(p params) {
 	for run := range p.runs {
 		progress("2. ping-pong", run, p.runs)
 		for _, k := range kinds {
+			if k.releases {
+				continue
+			}
 			p50, p99 := pingPong(k, p)
 			s.add(k.name, p50, p99)
 		}
@@ -126,6 +129,9 @@ func manyConns(p params) {
 	for run := range p.runs {
 		progress("4-5. many connections", run, p.runs)
 		for _, k := range kinds {
+			if k.releases {
+				continue
+			}
 			r := idle(k, p)
 			s.add(k.name, r.bytes, r.goroutines, r.bytesRd, r.goroutinesRd, r.perSec, r.took)
 		}

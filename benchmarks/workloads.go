@@ -97,6 +97,9 @@ func recvAll(e endpoint) (n, bytes int) {
 		}
 		n++
 		bytes += len(data)
+		if r, ok := e.(releaser); ok {
+			r.release()
+		}
 	}
 }
 
