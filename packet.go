@@ -49,7 +49,7 @@ type Decoder struct {
 	// grown counts the blocks and groups allocated so far: the first are
 	// small, so a connection that carries a few packets costs little, and
 	// they double up to full size while traffic keeps coming.
-	slabs, groups int
+	slabs, groups uint8
 	// spare is a released packet whose payload alloc handed out; newPacket
 	// reuses it.
 	spare *Packet
@@ -406,9 +406,9 @@ func (d *Decoder) alloc(n int) []byte {
 		return makePayload(n)
 	}
 	if n > len(d.slab) {
-		size := min(firstSlab<<min(d.slabs, 6), slabSize)
+		size := min(firstSlab<<min(int(d.slabs), 6), slabSize)
 		d.slab = make([]byte, max(size, n))
-		d.slabs++
+		d.slabs = min(d.slabs+1, 6)
 	}
 	b := d.slab[:n:n]
 	d.slab = d.slab[n:]
@@ -430,8 +430,8 @@ func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
 		return p
 	}
 	if len(d.packets) == 0 {
-		d.packets = make([]Packet, min(firstGroup<<min(d.groups, 5), packetBlock))
-		d.groups++
+		d.packets = make([]Packet, min(firstGroup<<min(int(d.groups), 5), packetBlock))
+		d.groups = min(d.groups+1, 5)
 	}
 	p := &d.packets[0]
 	d.packets = d.packets[1:]

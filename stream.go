@@ -88,7 +88,6 @@ type Stream struct {
 	outgoing chan *Packet
 	wake     chan struct{} // capacity 1: the writer has something to look at
 	closing  chan struct{} // closed when Close starts
-	closed   chan struct{} // closed when Close has finished
 
 	writerDone chan struct{} // closed when the writer exits
 	unsent     error         // what the writer could not send; set before writerDone closes
@@ -159,12 +158,9 @@ type writer struct {
 	closing bool // finish has started
 	refused int  // packets over the limit met by finish, which cannot report them
 
-	// On a resumable stream: the packets written but not yet acknowledged,
-	// numbered from acked, and the bytes they and pending hold.
-	sess   *session
-	replay []*Packet
-	acked  uint64
-	held   int
+	// sess is set on a resumable stream, whose replay buffer the writer
+	// keeps there.
+	sess *session
 }
 
 // reader is one connection's reader.
@@ -204,7 +200,7 @@ const (
 	maxDatagram = 65507
 	// smallRead is the buffer an idle connection is read into; a reader
 	// takes a pooled block only while data keeps arriving.
-	smallRead = 512
+	smallRead = 256
 	// directRead is the smallest read that bypasses the buffer when it is
 	// empty.
 	directRead = 4 << 10
@@ -229,7 +225,6 @@ func NewStream(channelBufferSize int) *Stream {
 		outgoing:     make(chan *Packet, channelBufferSize),
 		wake:         make(chan struct{}, 1),
 		closing:      make(chan struct{}),
-		closed:       make(chan struct{}),
 		writerDone:   make(chan struct{}),
 		lastReader:   noReader,
 		closeTimeout: DefaultCloseTimeout,
@@ -376,12 +371,14 @@ func (s *Stream) SetWriteTimeout(d time.Duration) {
 // An OnError callback that was already running may still run (Close may be
 // called from it); none starts afterwards. Close is safe to call before any
 // connection, from a callback, and more than once; later calls wait for the
-// first to finish and return nil.
+// stream's goroutines to stop and return nil.
 func (s *Stream) Close() error {
 	s.mu.Lock()
 	if s.isClosing {
+		last := s.lastReader
 		s.mu.Unlock()
-		<-s.closed
+		<-s.writerDone
+		<-last
 		return nil
 	}
 	s.isClosing = true
@@ -414,7 +411,6 @@ func (s *Stream) Close() error {
 	if sess != nil {
 		sess.closed()
 	}
-	close(s.closed)
 	return s.unsent
 }
 
@@ -523,7 +519,10 @@ func (w *writer) finish(c *conn) error {
 	// Count what is left, and release senders blocked on a full Outgoing:
 	// each receive lets one of them through.
 	w.idle()
-	unsent := len(w.pending) + len(w.replay) + w.refused
+	unsent := len(w.pending) + w.refused
+	if w.sess != nil {
+		unsent += len(w.sess.replay)
+	}
 	for {
 		select {
 		case <-w.s.outgoing:
@@ -562,7 +561,7 @@ func (w *writer) flush(c *conn) error {
 		if w.sess == nil {
 			return nil
 		}
-		if len(w.replay) == 0 {
+		if len(w.sess.replay) == 0 {
 			bye := appendControl(nil, frameBye, w.sess.received.Load())
 			w.startWrite(c)
 			_, err := c.Write(bye)
@@ -591,7 +590,7 @@ func (w *writer) take(c *conn, p *Packet) {
 	}
 	w.pending = append(w.pending, p)
 	if w.sess != nil {
-		w.held += HeaderSize + len(p.Data)
+		w.sess.held += HeaderSize + len(p.Data)
 	}
 }
 
@@ -599,7 +598,7 @@ func (w *writer) take(c *conn, p *Packet) {
 // as its replay limit allows: then it takes nothing more from Outgoing. A
 // packet larger than the limit is taken when nothing else is held.
 func (w *writer) full() bool {
-	return w.sess != nil && w.held > 0 && w.held >= int(w.s.replayLimit.Load())
+	return w.sess != nil && w.sess.held > 0 && w.sess.held >= int(w.s.replayLimit.Load())
 }
 
 // drain adds to pending what waits in Outgoing, as long as the batch stays
@@ -663,7 +662,7 @@ func (w *writer) send(c *conn) error {
 	}
 	if w.sess != nil {
 		// The peer cannot acknowledge more than this before the write.
-		w.sess.sent.Store(w.acked + uint64(len(w.replay)+len(w.pending)))
+		w.sess.sent.Store(w.sess.acked + uint64(len(w.sess.replay)+len(w.pending)))
 	}
 	w.startWrite(c)
 	var done int
@@ -676,7 +675,7 @@ func (w *writer) send(c *conn) error {
 	w.stopWrite()
 	w.batch.buf = nil
 	if w.sess != nil {
-		w.replay = append(w.replay, w.pending[:done]...)
+		w.sess.replay = append(w.sess.replay, w.pending[:done]...)
 	}
 	rest := copy(w.pending, w.pending[done:])
 	clear(w.pending[rest:])
@@ -1132,6 +1131,12 @@ type session struct {
 	// Guarded by Stream.mu.
 	token  [tokenSize]byte // zero until the accepting side issued one
 	expiry *time.Timer
+
+	// The writer's alone: the packets written but not yet acknowledged,
+	// numbered from acked, and the bytes they and pending hold.
+	replay []*Packet
+	acked  uint64
+	held   int
 }
 
 // handshake is a resumable connection's state before packets flow.
@@ -1582,17 +1587,17 @@ func (w *writer) resume(c *conn) error {
 	}
 	c.hs.resumed = true
 	if c.hs.fresh {
-		w.pending = append(w.replay, w.pending...)
-		w.replay, w.acked = nil, 0
+		w.pending = append(w.sess.replay, w.pending...)
+		w.sess.replay, w.sess.acked = nil, 0
 	}
-	from, written := c.hs.resumeFrom, w.acked+uint64(len(w.replay))
-	if from < w.acked || from > written {
-		return fmt.Errorf("%w: the peer has read %d packets, %d to %d were expected", ErrHandshake, from, w.acked, written)
+	from, written := c.hs.resumeFrom, w.sess.acked+uint64(len(w.sess.replay))
+	if from < w.sess.acked || from > written {
+		return fmt.Errorf("%w: the peer has read %d packets, %d to %d were expected", ErrHandshake, from, w.sess.acked, written)
 	}
-	w.drop(int(from - w.acked))
-	if len(w.replay) > 0 {
-		w.pending = append(w.replay, w.pending...)
-		w.replay = nil
+	w.drop(int(from - w.sess.acked))
+	if len(w.sess.replay) > 0 {
+		w.pending = append(w.sess.replay, w.pending...)
+		w.sess.replay = nil
 	}
 	return nil
 }
@@ -1603,26 +1608,26 @@ func (w *writer) trim() error {
 		return nil
 	}
 	to := w.sess.peerAcked.Load()
-	if to <= w.acked {
+	if to <= w.sess.acked {
 		return nil
 	}
-	if to > w.acked+uint64(len(w.replay)) {
-		return fmt.Errorf("%w: acknowledges %d packets, %d written", ErrHandshake, to, w.acked+uint64(len(w.replay)))
+	if to > w.sess.acked+uint64(len(w.sess.replay)) {
+		return fmt.Errorf("%w: acknowledges %d packets, %d written", ErrHandshake, to, w.sess.acked+uint64(len(w.sess.replay)))
 	}
-	w.drop(int(to - w.acked))
+	w.drop(int(to - w.sess.acked))
 	return nil
 }
 
 // drop removes the first n packets of the replay buffer, keeping its array
 // for reuse.
 func (w *writer) drop(n int) {
-	for _, p := range w.replay[:n] {
-		w.held -= HeaderSize + len(p.Data)
+	for _, p := range w.sess.replay[:n] {
+		w.sess.held -= HeaderSize + len(p.Data)
 	}
-	rest := copy(w.replay, w.replay[n:])
-	clear(w.replay[rest:])
-	w.replay = w.replay[:rest]
-	w.acked += uint64(n)
+	rest := copy(w.sess.replay, w.sess.replay[n:])
+	clear(w.sess.replay[rest:])
+	w.sess.replay = w.sess.replay[:rest]
+	w.sess.acked += uint64(n)
 }
 
 // ---- connReader ----
