@@ -121,8 +121,9 @@ const (
 	copyLimit = 16 << 10
 )
 
-// smallPool holds buffers for encoding one small packet in Write.
-var smallPool = sync.Pool{New: func() any { b := make([]byte, 0, HeaderSize+copyLimit); return &b }}
+// writePool holds the batches Packet.Write encodes with, each with room for
+// one copied payload.
+var writePool = sync.Pool{New: func() any { return &batch{buf: make([]byte, 0, HeaderSize+copyLimit)} }}
 
 // batch is the encoding of packets for one write: small payloads are copied
 // next to their headers, large ones are referred to in place, so the whole
@@ -159,35 +160,43 @@ func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 // small, and without copying the payload (writev on a TCP connection) when it
 // is large.
 func (p *Packet) Write(w io.Writer) error {
-	bp := smallPool.Get().(*[]byte)
-	var vec [2][]byte
-	b := batch{buf: (*bp)[:0], vec: vec[:0]}
+	b := writePool.Get().(*batch)
 	b.add(p)
-	_, err := b.writeTo(w)
-	*bp = b.buf[:0]
-	smallPool.Put(bp)
+	var err error
+	if len(b.vec) == 0 {
+		_, err = w.Write(b.buf)
+		b.buf = b.buf[:0]
+	} else {
+		_, err = b.writev(w)
+	}
+	writePool.Put(b)
 	return err
 }
 
 // add appends p to the batch.
 func (b *batch) add(p *Packet) {
-	b.buf = appendHeader(b.buf, p.Type, len(p.Data))
+	buf := appendHeader(b.buf, p.Type, len(p.Data))
 	if len(p.Data) <= copyLimit {
-		b.buf = append(b.buf, p.Data...)
+		b.buf = append(buf, p.Data...)
 		return
 	}
-	b.vec = append(b.vec, b.buf[b.start:], p.Data)
-	b.start = len(b.buf)
+	b.vec = append(b.vec, buf[b.start:], p.Data)
+	b.buf, b.start = buf, len(buf)
 }
 
 // writeTo writes the batch with one call and returns how many bytes went
 // out. The batch is empty afterwards, its buffers kept for reuse.
 func (b *batch) writeTo(w io.Writer) (int64, error) {
-	defer b.reset()
-	if len(b.vec) == 0 {
-		n, err := w.Write(b.buf)
-		return int64(n), err
+	if len(b.vec) > 0 {
+		return b.writev(w)
 	}
+	n, err := w.Write(b.buf)
+	b.buf = b.buf[:0]
+	return int64(n), err
+}
+
+// writev is writeTo for a batch that refers to payloads in place.
+func (b *batch) writev(w io.Writer) (int64, error) {
 	if b.start < len(b.buf) {
 		b.vec = append(b.vec, b.buf[b.start:])
 	}
@@ -195,14 +204,14 @@ func (b *batch) writeTo(w io.Writer) (int64, error) {
 	// local copy, does not escape to the heap on every call.
 	b.out = b.vec
 	n, err := b.out.WriteTo(w)
-	b.out = nil
+	b.reset()
 	return n, err
 }
 
 // reset empties the batch and drops its references to payloads.
 func (b *batch) reset() {
 	clear(b.vec)
-	b.buf, b.vec, b.start = b.buf[:0], b.vec[:0], 0
+	b.buf, b.vec, b.out, b.start = b.buf[:0], b.vec[:0], nil, 0
 }
 
 // Release hands a received packet back for reuse: a later packet read by

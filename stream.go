@@ -521,6 +521,7 @@ func (w *writer) finish(c *conn) error {
 	w.idle()
 	unsent := len(w.pending) + w.refused
 	if w.sess != nil {
+		w.trim() // a bye may have acknowledged the rest
 		unsent += len(w.sess.replay)
 	}
 	for {
@@ -870,6 +871,10 @@ func (r *reader) controlStream(f controlFrame) error {
 		r.s.wakeWriter()
 		return nil
 	case r.sess != nil && f.kind == frameBye:
+		// The peer's count in its bye is its last acknowledgement.
+		if f.arg <= r.sess.sent.Load() {
+			r.sess.acknowledged(f.arg)
+		}
 		go r.s.endSession()
 		return errSessionOver
 	}

@@ -1936,7 +1936,10 @@ func TestKeepConnectedBacksOff(t *testing.T) {
 // A resumable stream talks to its session like a plain one; Close on the
 // client ends the session on the server at once, and leaves no goroutine.
 func TestResumeEcho(t *testing.T) {
-	server := newEchoServer(t, nil)
+	serverErrs := make(chan packet.IOError, 16)
+	server := newEchoServer(t, func(s *packet.Stream) {
+		s.OnError(func(e packet.IOError) { serverErrs <- e })
+	})
 	client := resumableClient(t, server.addr)
 	exchange(t, client, 1000)
 	require.NoError(t, client.Close())
@@ -1945,6 +1948,10 @@ func TestResumeEcho(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		require.FailNow(t, "the server's Incoming did not close after the client ended the session")
 	}
+	// The client read every echo, and its bye says so: the server has
+	// nothing unsent to report, once its stream has wound up.
+	assert.Empty(t, waitForStreamGoroutines(5*time.Second))
+	assert.Empty(t, serverErrs)
 	_, ok := <-client.Incoming
 	assert.False(t, ok)
 }
