@@ -1,147 +1,190 @@
 // Chat is a small chat room built on github.com/aerogo/packet's resumable
-// sessions: the server keeps each client's session across its connections,
-// and clients dial again by themselves, so nothing said is lost when a
-// connection dies, goes silent or the server restarts.
-//
-// Usage:
-//
-//	chat                            run a demo on loopback, print its transcript and exit
-//	chat -serve ADDR                run a server, e.g. -serve 127.0.0.1:7000
-//	chat -connect ADDR -name NAME   chat: lines from stdin go to the room, the room's to stdout
+// sessions: nothing said is lost when a connection dies, goes silent or the
+// server restarts. Without flags it runs a demo on loopback; -serve ADDR runs
+// a server; -connect ADDR -name NAME sends stdin's lines and prints the room's.
 package main
 
 import (
 	"bufio"
 	"context"
-	"errors"
+	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"log"
 	"net"
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/aerogo/packet"
 )
 
-// maxName is the longest name a client may choose, in bytes.
-const maxName = 32
-
-func main() { os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)) }
-
-// run is the program with its surroundings passed in; it returns the exit
-// status.
-func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	flags := flag.NewFlagSet("chat", flag.ContinueOnError)
-	flags.SetOutput(io.Discard)
-	serveAddr := flags.String("serve", "", "run only the server, listening on `ADDR`")
-	connectAddr := flags.String("connect", "", "chat with the server at `ADDR`")
-	name := flags.String("name", "", "your `NAME` in the room (with -connect)")
-	err := flags.Parse(args)
-	if errors.Is(err, flag.ErrHelp) {
-		fmt.Fprintln(stdout, "usage: chat [-serve ADDR | -connect ADDR -name NAME]\nWithout flags chat runs a demo on loopback and exits.")
-		flags.SetOutput(stdout)
-		flags.PrintDefaults()
-		return 0
+func main() {
+	serveAddr := flag.String("serve", "", "run a server listening on `ADDR`")
+	connectAddr := flag.String("connect", "", "chat with the server at `ADDR`")
+	name := flag.String("name", "", "your `NAME` in the room (with -connect)")
+	flag.Parse() // no flags: run the demo
+	if flag.NArg() > 0 || *serveAddr != "" && *connectAddr != "" || (*connectAddr == "") != (*name == "") {
+		flag.Usage()
+		os.Exit(2)
 	}
-	if err == nil {
-		err = checkFlags(flags, *serveAddr, *connectAddr, *name)
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "chat: %v (chat -h for usage)\n", err)
-		return 2
-	}
-
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
 	switch {
 	case *serveAddr != "":
-		err = serve(*serveAddr, stdout)
+		err = serve(ctx, *serveAddr)
 	case *connectAddr != "":
-		err = talk(*connectAddr, *name, stdin, stdout)
+		err = talk(ctx, *connectAddr, *name)
 	default:
-		err = demo(stdout)
+		err = demo()
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "chat: %v\n", err)
-		return 1
+		fmt.Fprintln(os.Stderr, "chat:", err)
+		os.Exit(1)
 	}
-	return 0
-}
-
-// checkFlags reports a combination of flags that makes no sense.
-func checkFlags(flags *flag.FlagSet, serveAddr, connectAddr, name string) error {
-	switch {
-	case flags.NArg() > 0:
-		return fmt.Errorf("unexpected argument %q", flags.Arg(0))
-	case serveAddr != "" && connectAddr != "":
-		return errors.New("-serve and -connect do not go together")
-	case connectAddr != "" && strings.TrimSpace(name) == "":
-		return errors.New("-connect needs -name")
-	case connectAddr == "" && name != "":
-		return errors.New("-name goes with -connect")
-	case len(name) > maxName:
-		return fmt.Errorf("-name is longer than %d bytes", maxName)
-	case strings.ContainsFunc(name, func(r rune) bool { return r < ' ' || r == 0x7f }):
-		return errors.New("-name contains a control character")
-	}
-	return nil
 }
 
 // serve runs a room on addr until interrupted, then ends every session.
-func serve(addr string, out io.Writer) error {
+func serve(ctx context.Context, addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	lg := log.New(out, "", log.Ltime)
+	lg := log.New(os.Stdout, "", log.Ltime)
 	r := serveRoom(ln, 5*time.Second, lg.Printf, func(m message) { lg.Printf("%s: %s", m.From, m.Text) })
 	lg.Printf("listening on %s", ln.Addr())
 	<-ctx.Done()
-	ln.Close()
 	r.sessions.Close()
 	return nil
 }
 
-// talk is the interactive client: it says each line read from in and prints
-// what the others say, until in ends, the user interrupts or the server ends
-// the session.
-func talk(addr, name string, in io.Reader, out io.Writer) error {
-	lg := log.New(out, "", 0) // safe from the client's goroutines
+// talk sends each line from stdin and prints the room's, until stdin ends.
+func talk(ctx context.Context, addr, name string) error {
 	dial := func() (net.Conn, error) { return net.DialTimeout("tcp", addr, 5*time.Second) }
-	c, err := newClient(name, dial, time.Second, func(e string) { lg.Print("* ", e) }, func(m message) {
-		if m.From != name { // the room's echo of our own line
-			lg.Printf("%s: %s", m.From, m.Text)
+	c := newClient(name, dial, time.Second, log.New(os.Stdout, "", 0).Printf)
+	fmt.Printf("* talking to %s as %s; end with Ctrl-D\n", addr, name)
+	go func() { <-ctx.Done(); c.leave(); os.Exit(0) }()
+	for sc := bufio.NewScanner(os.Stdin); sc.Scan(); {
+		if strings.TrimSpace(sc.Text()) != "" {
+			c.say(sc.Text())
 		}
-	})
-	if err != nil {
-		return err
 	}
-	lg.Printf("* connected to %s as %s; type to talk, end with Ctrl-D", addr, name)
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	lines := make(chan string) // read apart, so that an interrupt ends a wait for input
+	return c.leave()
+}
+
+// message is every packet's payload, as JSON. ID tells a line sent twice from two lines.
+type message struct {
+	From string `json:"from"`
+	ID   int    `json:"id"`
+	Text string `json:"text"`
+}
+
+// room is a chat server; run owns the members. A member is a session, not a
+// connection: a client that reconnects is still in the room.
+type room struct {
+	sessions    *packet.Sessions
+	logf        func(format string, args ...any)
+	heard       func(message) // called by run with every line the room takes
+	join, leave chan *packet.Stream
+	said        chan *packet.Packet
+	size        atomic.Int32 // members, for the demo to wait on
+}
+
+// serveRoom runs a room for the clients ln accepts. A new session gets a read
+// pump; a returning client's connection just resumes it.
+func serveRoom(ln net.Listener, keepAlive time.Duration, logf func(string, ...any), heard func(message)) *room {
+	r := &room{sessions: packet.NewSessions(64), logf: logf, heard: heard,
+		join: make(chan *packet.Stream), leave: make(chan *packet.Stream), said: make(chan *packet.Packet)}
+	go r.run()
 	go func() {
-		for sc := bufio.NewScanner(in); sc.Scan(); {
-			lines <- sc.Text()
+		for conn, err := ln.Accept(); err == nil; conn, err = ln.Accept() {
+			go func() {
+				if st, isNew, err := r.sessions.Accept(conn); err == nil && isNew {
+					st.SetKeepAlive(keepAlive, 4*keepAlive)
+					r.join <- st
+					for p := range st.Incoming {
+						r.said <- p
+					}
+					r.leave <- st
+				}
+			}()
 		}
-		close(lines)
 	}()
+	return r
+}
+
+// run relays every line to every member, its author too.
+func (r *room) run() {
+	members := make(map[*packet.Stream]bool)
 	for {
 		select {
-		case <-ctx.Done():
-			return c.leave()
-		case <-c.done:
-			return errors.Join(errors.New("the server ended the session"), c.leave())
-		case line, ok := <-lines:
-			if !ok {
-				return c.leave()
+		case st := <-r.join:
+			members[st] = true
+			r.logf("a session started: %d members", len(members))
+		case st := <-r.leave:
+			delete(members, st)
+			r.logf("a session ended: %d members", len(members))
+		case p := <-r.said:
+			if m := (message{}); json.Unmarshal(p.Data, &m) == nil {
+				r.heard(m)
 			}
-			if strings.TrimSpace(line) != "" {
-				c.say(line)
+			for st := range members {
+				select {
+				case st.Outgoing <- p:
+				default: // too far behind: dropped, not waited for
+					delete(members, st)
+					go st.Close()
+				}
 			}
 		}
+		r.size.Store(int32(len(members)))
 	}
+}
+
+// client is a member's end: its stream resumes the session on each new connection.
+type client struct {
+	name   string
+	stream *packet.Stream
+	lastID int           // used only by the goroutine that calls say
+	done   chan struct{} // closed when the read pump has ended
+}
+
+// newClient keeps a client connected; it logs connection trouble and what
+// others say.
+func newClient(name string, dial func() (net.Conn, error), keepAlive time.Duration, logf func(string, ...any)) *client {
+	st := packet.NewStream(64)
+	st.EnableResume()
+	st.SetKeepAlive(keepAlive, 4*keepAlive)
+	st.SetWriteTimeout(4 * keepAlive)
+	st.OnError(func(e packet.IOError) { logf("* %v", e.Error) }) // then KeepConnected redials
+	st.KeepConnected(dial, 4*keepAlive)
+	c := &client{name: name, stream: st, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		for p := range st.Incoming {
+			if m := (message{}); json.Unmarshal(p.Data, &m) == nil && m.From != name { // not our own echo
+				logf("%s: %s", m.From, m.Text)
+			}
+		}
+		logf("* the session has ended")
+	}()
+	return c
+}
+
+// say queues a line for the room.
+func (c *client) say(text string) {
+	c.lastID++
+	data, _ := json.Marshal(message{From: c.name, ID: c.lastID, Text: text})
+	c.stream.Outgoing <- packet.New(1, data)
+}
+
+// leave ends the session once the last lines are acknowledged.
+func (c *client) leave() error {
+	err := c.stream.Close()
+	<-c.done
+	return err
 }
