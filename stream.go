@@ -97,13 +97,16 @@ type Stream struct {
 	writeTimeout atomic.Int64 // nanoseconds
 	replayLimit  atomic.Int64
 
-	session *session // nil unless the stream is resumable; set before its first connection
+	// session is nil unless the stream is resumable. It is set under mu
+	// before the first connection, so the loops, which start after it,
+	// read it without the lock.
+	session *session
 
-	mu           sync.Mutex // guards the fields below
-	conn         *conn      // the live connection, nil when there is none
-	last         net.Conn   // the connection most recently given
-	lastReader   chan struct{}
-	backlog      []*Packet // read on ended connections, not yet delivered
+	mu           sync.Mutex    // guards the fields below
+	conn         *conn         // the live connection, nil when there is none
+	last         net.Conn      // the connection most recently given
+	lastReader   chan struct{} // closed when the newest reader exits; each waits for the one before
+	backlog      []*Packet     // read on ended connections, not yet delivered
 	handlers     []func(IOError)
 	reports      []IOError // waiting for the callbacks
 	dispatching  bool      // a goroutine is running the callbacks
