@@ -333,24 +333,41 @@ func (c *writeEntered) Write(p []byte) (int, error) {
 
 // ---- Proxies and servers ----
 
-// proxy forwards loopback TCP connections to a target address. It can be
-// told to stop forwarding, both ways, without closing anything: a black
-// hole, as a peer whose machine lost power or a NAT that forgot the
-// connection looks from either end.
+// proxy forwards loopback TCP connections to a target address, for tests
+// of what a network does to them. It can be told to stop forwarding, both
+// ways, without closing anything (hole): a black hole, as a peer whose
+// machine lost power or a NAT that forgot the connection looks from either
+// end. With a budget, each direction of a connection forwards a random number
+// of bytes and then the connection is cut: with a reset, or, with holeAfter,
+// by turning into a black hole.
 type proxy struct {
-	ln     net.Listener
-	target string
-	hole   atomic.Bool
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	conns  []net.Conn
+	ln        net.Listener
+	target    func() string
+	hole      atomic.Bool
+	budget    func() int // nil: no cut
+	holeAfter bool
+	cuts      atomic.Int32
+	mu        sync.Mutex
+	conns     []net.Conn
+	wg        sync.WaitGroup
 }
 
 // newProxy starts a proxy to target, stopped when the test ends.
 func newProxy(t testing.TB, target string) *proxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	p := &proxy{ln: ln, target: target}
+	return startProxy(t, &proxy{target: func() string { return target }})
+}
+
+// newCutProxy starts a proxy that cuts each connection after a random number
+// of bytes, up to 40 KiB each way, with resets or into black holes.
+func newCutProxy(t testing.TB, target func() string, holeAfter bool, seed uint64) *proxy {
+	rng := mrand.New(mrand.NewPCG(seed, 1))
+	var mu sync.Mutex
+	budget := func() int { mu.Lock(); defer mu.Unlock(); return rng.IntN(40 << 10) }
+	return startProxy(t, &proxy{target: target, budget: budget, holeAfter: holeAfter})
+}
+
+func startProxy(t testing.TB, p *proxy) *proxy {
+	p.ln = listen(t)
 	p.wg.Add(1)
 	go p.serve()
 	t.Cleanup(p.close)
@@ -366,7 +383,7 @@ func (p *proxy) serve() {
 		if err != nil {
 			return
 		}
-		out, err := net.Dial("tcp", p.target)
+		out, err := net.Dial("tcp", p.target())
 		if err != nil {
 			in.Close()
 			continue
@@ -374,26 +391,54 @@ func (p *proxy) serve() {
 		p.mu.Lock()
 		p.conns = append(p.conns, in, out)
 		p.mu.Unlock()
+		budgets := [2]int{-1, -1}
+		if p.budget != nil {
+			budgets = [2]int{p.budget(), p.budget()}
+		}
+		var cut sync.Once
+		var dead atomic.Bool // the connection was cut
+		kill := func() {
+			cut.Do(func() {
+				p.cuts.Add(1)
+				dead.Store(true)
+				if !p.holeAfter {
+					in.(*net.TCPConn).SetLinger(0)
+					out.(*net.TCPConn).SetLinger(0)
+					in.Close()
+					out.Close()
+				}
+			})
+		}
 		p.wg.Add(2)
-		go p.forward(out, in)
-		go p.forward(in, out)
+		go p.forward(out, in, budgets[0], kill, &dead)
+		go p.forward(in, out, budgets[1], kill, &dead)
 	}
 }
 
-// forward copies from src to dst, dropping what it reads while the hole is
-// open.
-func (p *proxy) forward(dst, src net.Conn) {
+// forward copies src to dst, dropping what it reads while the hole is open
+// or once the connection was cut; budget bytes pass at most, unless it is
+// negative.
+func (p *proxy) forward(dst, src net.Conn, budget int, kill func(), dead *atomic.Bool) {
 	defer p.wg.Done()
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
-		if n > 0 && !p.hole.Load() {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
+		if n > 0 && !p.hole.Load() && !dead.Load() {
+			if budget >= 0 && n > budget {
+				dst.Write(buf[:budget])
+				kill()
+			} else {
+				budget -= n
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					kill()
+					return
+				}
 			}
 		}
 		if err != nil {
-			dst.Close()
+			if !dead.Load() && !p.holeAfter {
+				dst.Close()
+			}
 			return
 		}
 	}
@@ -530,102 +575,6 @@ func exchange(t *testing.T, client *packet.Stream, n int) {
 			require.Equal(t, i, number(p), "echo")
 		case <-time.After(20 * time.Second):
 			require.FailNow(t, "echo missing", "%d of %d", i, n)
-		}
-	}
-}
-
-// cutProxy forwards connections to a target and, after a random number of
-// bytes in either direction, either cuts both sides with a reset or turns
-// into a black hole that forwards nothing and closes nothing.
-type cutProxy struct {
-	ln     net.Listener
-	target func() string
-	hole   bool
-	rng    *mrand.Rand
-	mu     sync.Mutex
-	conns  []net.Conn
-	wg     sync.WaitGroup
-	cuts   atomic.Int32
-}
-
-func newCutProxy(t testing.TB, target func() string, hole bool, seed uint64) *cutProxy {
-	p := &cutProxy{ln: listen(t), target: target, hole: hole, rng: mrand.New(mrand.NewPCG(seed, 1))}
-	p.wg.Add(1)
-	go p.serve()
-	t.Cleanup(func() {
-		p.ln.Close()
-		p.mu.Lock()
-		for _, c := range p.conns {
-			c.Close()
-		}
-		p.mu.Unlock()
-		p.wg.Wait()
-	})
-	return p
-}
-
-func (p *cutProxy) addr() string { return p.ln.Addr().String() }
-
-func (p *cutProxy) serve() {
-	defer p.wg.Done()
-	for {
-		in, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		out, err := net.Dial("tcp", p.target())
-		if err != nil {
-			in.Close()
-			continue
-		}
-		p.mu.Lock()
-		p.conns = append(p.conns, in, out)
-		budgets := [2]int{p.rng.IntN(40 << 10), p.rng.IntN(40 << 10)}
-		p.mu.Unlock()
-		var cut sync.Once
-		kill := func() {
-			cut.Do(func() {
-				p.cuts.Add(1)
-				if !p.hole {
-					in.(*net.TCPConn).SetLinger(0)
-					out.(*net.TCPConn).SetLinger(0)
-					in.Close()
-					out.Close()
-				}
-			})
-		}
-		var dead atomic.Bool
-		p.wg.Add(2)
-		go p.forward(out, in, budgets[0], kill, &dead)
-		go p.forward(in, out, budgets[1], kill, &dead)
-	}
-}
-
-// forward copies src to dst until budget bytes have passed; then it cuts or
-// holes the connection.
-func (p *cutProxy) forward(dst, src net.Conn, budget int, kill func(), dead *atomic.Bool) {
-	defer p.wg.Done()
-	buf := make([]byte, 4096)
-	for {
-		n, err := src.Read(buf)
-		if n > 0 && !dead.Load() {
-			if n > budget {
-				dst.Write(buf[:budget])
-				dead.Store(true)
-				kill()
-			} else {
-				budget -= n
-				if _, err := dst.Write(buf[:n]); err != nil {
-					kill()
-					return
-				}
-			}
-		}
-		if err != nil {
-			if !dead.Load() && !p.hole {
-				dst.Close()
-			}
-			return
 		}
 	}
 }
@@ -1247,17 +1196,25 @@ func TestCloseFromCallbackReportsUnsent(t *testing.T) {
 	assert.Empty(t, waitForStreamGoroutines(5*time.Second))
 }
 
-// Close from the application while a callback runs sends what it can and
-// counts the rest: it never returns nil with packets unsent.
-func TestCloseWhileCallbackRunsCountsUnsent(t *testing.T) {
-	a, b := net.Pipe()
-	t.Cleanup(func() { b.Close() })
+// streamInCallback returns a stream whose write of first failed and whose
+// OnError callback for it is now running, blocked until the test ends, as a
+// callback that dials would be.
+func streamInCallback(t *testing.T, first *packet.Packet) *packet.Stream {
+	bad, peer := net.Pipe()
+	t.Cleanup(func() { peer.Close() })
 	s := packet.NewStream(16)
 	entered := make(chan struct{})
 	blockingCallback(t, s, entered)
-	s.SetConnection(writeFails{a})
-	s.Outgoing <- packet.New(0, []byte("first"))
+	s.SetConnection(writeFails{bad})
+	s.Outgoing <- first
 	<-entered
+	return s
+}
+
+// Close from the application while a callback runs sends what it can and
+// counts the rest: it never returns nil with packets unsent.
+func TestCloseWhileCallbackRunsCountsUnsent(t *testing.T) {
+	s := streamInCallback(t, packet.New(0, []byte("first")))
 	for range 5 {
 		s.Outgoing <- packet.New(0, []byte("queued"))
 	}
@@ -1269,14 +1226,7 @@ func TestCloseWhileCallbackRunsCountsUnsent(t *testing.T) {
 // A connection set while a callback runs is used at once, and Close flushes
 // to it instead of cutting it off.
 func TestCloseWhileCallbackRunsFlushesLiveConnection(t *testing.T) {
-	bad, badPeer := net.Pipe()
-	t.Cleanup(func() { badPeer.Close() })
-	s := packet.NewStream(16)
-	entered := make(chan struct{})
-	blockingCallback(t, s, entered)
-	s.SetConnection(writeFails{bad})
-	s.Outgoing <- numbered(0, 8)
-	<-entered
+	s := streamInCallback(t, numbered(0, 8))
 
 	good, peer := net.Pipe()
 	got := make(chan int, 10)
