@@ -1906,6 +1906,39 @@ func TestResumeEcho(t *testing.T) {
 	assert.False(t, ok)
 }
 
+// Hot swaps of a resumable stream, while packets flow both ways, lose
+// nothing and repeat nothing: what the old connection had in flight is
+// replayed on the new one.
+func TestResumeThroughHotSwaps(t *testing.T) {
+	server := newEchoServer(t, nil)
+	client := packet.NewStream(64)
+	client.EnableResume()
+	t.Cleanup(func() { client.Close() })
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", server.addr())
+		require.NoError(t, err)
+		return c
+	}
+	client.SetConnection(dial())
+	const n = 5000
+	go func() {
+		for i := range n {
+			client.Outgoing <- numbered(i, 8+i%40)
+		}
+	}()
+	for i := range n {
+		if i%250 == 0 {
+			client.SetConnection(dial()) // the old connection is alive
+		}
+		select {
+		case p := <-client.Incoming:
+			require.Equal(t, i, number(p), "echo")
+		case <-time.After(20 * time.Second):
+			require.FailNow(t, "echo missing", "%d of %d", i, n)
+		}
+	}
+}
+
 // With both ends resumable, 20,000 numbered packets each way arrive exactly
 // once and in order while a proxy cuts the connections with resets at random
 // points, in both directions.
