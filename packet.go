@@ -53,6 +53,10 @@ type Decoder struct {
 	// spare is a released packet whose payload alloc handed out; newPacket
 	// reuses it.
 	spare *Packet
+	// control is set by a Stream's reader, which takes control frames:
+	// Decode returns one as a nil packet, with the frame in frame.
+	control bool
+	frame   controlFrame
 	// received counts the bytes read since the decoder was made or reset:
 	// what the peer has paid for, and so may be trusted with.
 	received int64
@@ -340,34 +344,38 @@ func (d *Decoder) Reset(r io.Reader) {
 // writes to them again. Small payloads share memory with their neighbours,
 // so keeping one small packet keeps up to 128 KiB of them alive.
 func (d *Decoder) Decode() (*Packet, error) {
-	p, _, err := d.next(false)
-	return p, err
-}
-
-// next reads the next frame: a packet, or, when control is set, a control
-// frame (a header whose length is negative), returned with a nil packet.
-func (d *Decoder) next(control bool) (*Packet, controlFrame, error) {
 	m, err := io.ReadFull(d.r, d.header[:])
 	d.received += int64(m)
 	if err != nil {
-		return nil, controlFrame{}, err
+		return nil, err
 	}
-	if control && isControl(d.header[:]) {
-		f, err := parseControl(d.header[:])
-		return nil, f, err
+	if d.control && isControl(d.header[:]) {
+		d.frame, err = parseControl(d.header[:])
+		return nil, err
 	}
 	typ, n, err := parseHeader(d.header[:], d.maxSize)
 	if err != nil {
-		return nil, controlFrame{}, err
+		return nil, err
 	}
 	data, err := d.readPayload(n)
 	if err != nil {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
-		return nil, controlFrame{}, err
+		return nil, err
 	}
-	return d.newPacket(typ, data), controlFrame{}, nil
+	return d.newPacket(typ, data), nil
+}
+
+// next reads the next frame for a Stream: a packet, or a control frame (a
+// header whose length is negative), which comes with a nil packet.
+func (d *Decoder) next() (*Packet, controlFrame, error) {
+	d.control = true
+	p, err := d.Decode()
+	if p == nil && err == nil {
+		return nil, d.frame, nil
+	}
+	return p, controlFrame{}, err
 }
 
 // readPayload reads an n byte payload.

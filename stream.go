@@ -802,7 +802,7 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 // readStream decodes packets from a byte stream until an error.
 func (r *reader) readStream(cr *connReader, d *Decoder) error {
 	for {
-		p, f, err := d.next(true)
+		p, f, err := d.next()
 		if err != nil {
 			return err
 		}
@@ -1445,7 +1445,7 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 		if _, err := c.Write(append(hello, token[:]...)); err != nil {
 			return err
 		}
-		p, f, err := d.next(true)
+		p, f, err := d.next()
 		switch {
 		case err != nil:
 			return err
