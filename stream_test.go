@@ -463,18 +463,38 @@ func listen(t testing.TB) net.Listener {
 }
 
 // acceptStreams accepts connections on ln and passes each, on a new stream,
-// to out, until ln is closed.
+// to out, until ln is closed; the streams are closed when the test ends.
 func acceptStreams(t testing.TB, ln net.Listener, out chan<- *packet.Stream) {
+	var mu sync.Mutex
+	var streams []*packet.Stream
+	stop, done := make(chan struct{}), make(chan struct{})
+	t.Cleanup(func() {
+		ln.Close()
+		close(stop)
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		for _, s := range streams {
+			s.Close()
+		}
+	})
 	go func() {
+		defer close(done)
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
 			s := packet.NewStream(64)
-			t.Cleanup(func() { s.Close() })
+			mu.Lock()
+			streams = append(streams, s)
+			mu.Unlock()
 			s.SetConnection(c)
-			out <- s
+			select {
+			case out <- s:
+			case <-stop:
+				return
+			}
 		}
 	}()
 }
@@ -486,7 +506,9 @@ type echoServer struct {
 	t        testing.TB
 	ln       net.Listener
 	sessions *packet.Sessions
-	handlers sync.WaitGroup
+	mu       sync.Mutex
+	stopped  bool                // the test has ended: start no more goroutines
+	running  sync.WaitGroup      // accepting and handling goroutines
 	ended    chan *packet.Stream // a handler's Incoming closed
 	raw      chan net.Conn       // every accepted connection
 	setup    func(*packet.Stream)
@@ -501,10 +523,24 @@ func newEchoServer(t testing.TB, setup func(*packet.Stream)) *echoServer {
 	go e.serve()
 	t.Cleanup(func() {
 		ln.Close()
+		e.mu.Lock()
+		e.stopped = true
+		e.mu.Unlock()
 		e.sessions.Close()
-		e.handlers.Wait()
+		e.running.Wait()
 	})
 	return e
+}
+
+// start counts a goroutine about to start, unless the test has ended.
+func (e *echoServer) start() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.stopped {
+		return false
+	}
+	e.running.Add(1)
+	return true
 }
 
 func (e *echoServer) addr() string { return e.ln.Addr().String() }
@@ -519,7 +555,12 @@ func (e *echoServer) serve() {
 		case e.raw <- c:
 		default:
 		}
+		if !e.start() {
+			c.Close()
+			return
+		}
 		go func() {
+			defer e.running.Done()
 			s, isNew, err := e.sessions.Accept(c)
 			if err != nil || !isNew {
 				return
@@ -527,7 +568,10 @@ func (e *echoServer) serve() {
 			if e.setup != nil {
 				e.setup(s)
 			}
-			e.handlers.Add(1)
+			if !e.start() {
+				s.Close()
+				return
+			}
 			go e.handle(s)
 		}()
 	}
@@ -536,7 +580,7 @@ func (e *echoServer) serve() {
 // handle echoes numbered packets, checking that each arrives exactly once
 // and in order.
 func (e *echoServer) handle(s *packet.Stream) {
-	defer e.handlers.Done()
+	defer e.running.Done()
 	next := 0
 	for p := range s.Incoming {
 		if e.restarted && next == 0 {
