@@ -25,15 +25,19 @@ import (
 // Outgoing and the only sender on Incoming; it closes Incoming after Close
 // (never Outgoing). Once a packet is sent on Outgoing the stream owns it: do
 // not modify the packet or its Data afterwards, since it may be written again
-// after a failure. The stream owns the connections it is given and closes
-// them.
+// after a failure. A packet received from Incoming is the receiver's, who
+// may hand it back with Packet.Release when done with it. The stream owns
+// the connections it is given and closes them.
 //
 // A stream runs one writer goroutine for its whole life and one reader
 // goroutine per connection. OnError callbacks run on neither: they run one
 // at a time, in registration order, on a goroutine of their own that exists
 // only while there are reports to make. So a callback may take its time,
 // call SetConnection or Close, and send on Outgoing, and the stream keeps
-// reading and writing meanwhile.
+// reading and writing meanwhile. Nothing is reported once Close has started,
+// with one exception: when the peer of a resumable stream ends the session,
+// the stream closes itself and, if it had packets unsent, calls the
+// callbacks once more with an error wrapping ErrSessionEnded.
 //
 // # Promises
 //
@@ -66,6 +70,10 @@ import (
 //   - Liveness, when asked for: SetKeepAlive fails a connection on which
 //     nothing arrived for a while, SetWriteTimeout one that does not take
 //     what is written. Every stream answers a peer's pings.
+//   - Exactly once, when both ends are resumable (EnableResume on the
+//     dialing side, Sessions on the accepting side): every packet sent on
+//     Outgoing reaches the peer's Incoming once and in order, across any
+//     number of connections, for as long as the session lives.
 //
 // Over a datagram connection (UDP or unixgram, recognised by the network its
 // LocalAddr reports) each datagram carries whole packets, several small ones
