@@ -165,12 +165,12 @@ func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 // is large.
 func (p *Packet) Write(w io.Writer) error {
 	b := writePool.Get().(*batch)
-	b.add(p)
+	buf := b.encode(b.buf, p)
 	var err error
 	if len(b.vec) == 0 {
-		_, err = w.Write(b.buf)
-		b.buf = b.buf[:0]
+		_, err = w.Write(buf) // b.buf is still empty
 	} else {
+		b.buf = buf
 		_, err = b.writev(w)
 	}
 	writePool.Put(b)
@@ -179,13 +179,21 @@ func (p *Packet) Write(w io.Writer) error {
 
 // add appends p to the batch.
 func (b *batch) add(p *Packet) {
-	buf := appendHeader(b.buf, p.Type, len(p.Data))
+	b.buf = b.encode(b.buf, p)
+}
+
+// encode appends p's header to buf, and its payload too when it is small;
+// a large payload is referred to in place, after what buf holds so far. It
+// returns the extended buf, which the batch's buf must become before a
+// write.
+func (b *batch) encode(buf []byte, p *Packet) []byte {
+	buf = appendHeader(buf, p.Type, len(p.Data))
 	if len(p.Data) <= copyLimit {
-		b.buf = append(buf, p.Data...)
-		return
+		return append(buf, p.Data...)
 	}
 	b.vec = append(b.vec, buf[b.start:], p.Data)
-	b.buf, b.start = buf, len(buf)
+	b.start = len(buf)
+	return buf
 }
 
 // writeTo writes the batch with one call and returns how many bytes went
@@ -364,6 +372,9 @@ func (d *Decoder) Decode() (*Packet, error) {
 		}
 		return nil, err
 	}
+	if n > slabMax {
+		return d.largePacket(typ, data), nil
+	}
 	return d.newPacket(typ, data), nil
 }
 
@@ -388,7 +399,12 @@ func (d *Decoder) next() (*Packet, controlFrame, error) {
 // allocation.
 func (d *Decoder) readPayload(n int) ([]byte, error) {
 	if n <= trustedSize || int64(n) <= d.received {
-		data := d.alloc(n)
+		var data []byte
+		if n > slabMax {
+			data = d.allocLarge(n)
+		} else {
+			data = d.alloc(n)
+		}
 		m, err := io.ReadFull(d.r, data)
 		d.received += int64(m)
 		return data, err
@@ -411,49 +427,66 @@ func (d *Decoder) readPayload(n int) ([]byte, error) {
 	}
 }
 
-// alloc returns a slice of n bytes that no other packet uses, carved from the
-// current block when n is small. Its capacity is n, so appending to one
-// payload never overwrites the next.
+// alloc returns a small payload of n bytes, carved from the current block.
+// Its capacity is n, so appending to one payload never overwrites the next.
+// Small and large payloads take separate paths so that the small ones
+// inline.
 func (d *Decoder) alloc(n int) []byte {
-	if n > slabMax {
-		if p := reuse(n); p != nil {
-			d.spare = p
-			return p.Data[:n]
-		}
-		return makePayload(n)
-	}
 	if n > len(d.slab) {
-		size := min(firstSlab<<min(int(d.slabs), 6), slabSize)
-		d.slab = make([]byte, max(size, n))
-		d.slabs = min(d.slabs+1, 6)
+		d.newSlab(n)
 	}
 	b := d.slab[:n:n]
 	d.slab = d.slab[n:]
 	return b
 }
 
-// newPacket returns a packet for data. A packet with a small payload is
-// carved from the current group of Packet values; one with a larger payload
-// gets its own, since a group keeps every payload its packets point to
-// alive for as long as any of them is kept.
-func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
-	if len(data) > slabMax {
-		p := d.spare
-		if p == nil {
-			p = new(Packet)
-		}
-		d.spare = nil
-		p.Type, p.Data = typ, data
-		return p
+// allocLarge returns a payload of its own for n bytes: a released one if
+// there is one, kept in spare for newPacket.
+func (d *Decoder) allocLarge(n int) []byte {
+	if p := reuse(n); p != nil {
+		d.spare = p
+		return p.Data[:n]
 	}
+	return makePayload(n)
+}
+
+// newSlab starts a block that holds at least n bytes.
+func (d *Decoder) newSlab(n int) {
+	size := min(firstSlab<<min(int(d.slabs), 6), slabSize)
+	d.slab = make([]byte, max(size, n))
+	d.slabs = min(d.slabs+1, 6)
+}
+
+// newPacket returns a packet for a small payload, carved from the current
+// group of Packet values. A larger payload gets a packet of its own
+// (largePacket), since a group keeps every payload its packets point to alive
+// for as long as any of them is kept.
+func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
 	if len(d.packets) == 0 {
-		d.packets = make([]Packet, min(firstGroup<<min(int(d.groups), 5), packetBlock))
-		d.groups = min(d.groups+1, 5)
+		d.newGroup()
 	}
 	p := &d.packets[0]
 	d.packets = d.packets[1:]
 	p.Type, p.Data = typ, data
 	return p
+}
+
+// largePacket returns a packet of its own for a large payload: the released
+// one its payload came with, if any.
+func (d *Decoder) largePacket(typ byte, data []byte) *Packet {
+	p := d.spare
+	if p == nil {
+		p = new(Packet)
+	}
+	d.spare = nil
+	p.Type, p.Data = typ, data
+	return p
+}
+
+// newGroup starts a group of Packet values.
+func (d *Decoder) newGroup() {
+	d.packets = make([]Packet, min(firstGroup<<min(int(d.groups), 5), packetBlock))
+	d.groups = min(d.groups+1, 5)
 }
 
 // decodeDatagram decodes every frame in one datagram: packets go to deliver,
@@ -489,10 +522,15 @@ func (d *Decoder) decodeDatagram(b []byte, deliver func(*Packet) bool, control f
 			continue
 		}
 		typ, n, _ := parseHeader(b, d.maxSize)
-		data := d.alloc(n)
-		copy(data, b[HeaderSize:])
+		var p *Packet
+		if n > slabMax {
+			p = d.largePacket(typ, d.allocLarge(n))
+		} else {
+			p = d.newPacket(typ, d.alloc(n))
+		}
+		copy(p.Data, b[HeaderSize:])
 		b = b[HeaderSize+n:]
-		if !deliver(d.newPacket(typ, data)) {
+		if !deliver(p) {
 			return nil
 		}
 	}
