@@ -433,11 +433,11 @@ func (s *Stream) writeLoop() {
 	defer close(s.writerDone)
 	w := &writer{s: s}
 	for {
-		c := s.liveConn()
 		if s.closingNow() {
-			s.unsent = w.finish(c)
+			s.unsent = w.finish()
 			return
 		}
+		c := s.liveConn()
 		if c == nil || !c.ready() {
 			w.idle()
 			<-s.wake // SetConnection, handshakes and Close wake it
@@ -510,11 +510,13 @@ func (w *writer) idle() {
 	}
 }
 
-// finish is the writer's last act: it sends what is queued on c, if any,
-// until Close's timer ends c, ends c, and returns an error counting what it
-// could not send.
-func (w *writer) finish(c *conn) error {
+// finish is the writer's last act: it sends what is queued on the live
+// connection, if any, until Close's timer ends it, ends it, and returns an
+// error counting what it could not send. Close has started, so no
+// connection can be set any more: the one it reads is the last.
+func (w *writer) finish() error {
 	w.closing = true
+	c := w.s.liveConn()
 	var err error
 	if c != nil && c.ready() {
 		if w.sess == nil {

@@ -606,14 +606,18 @@ func resumableClient(t testing.TB, addr func() string) *packet.Stream {
 }
 
 // exchange sends n numbered packets on client and checks that the echoes
-// come back exactly once and in order.
-func exchange(t *testing.T, client *packet.Stream, n int) {
+// come back exactly once and in order. before, if set, runs before each echo
+// is awaited.
+func exchange(t *testing.T, client *packet.Stream, n int, before func(i int)) {
 	go func() {
 		for i := range n {
 			client.Outgoing <- numbered(i, 8+i%40)
 		}
 	}()
 	for i := range n {
+		if before != nil {
+			before(i)
+		}
 		select {
 		case p := <-client.Incoming:
 			require.Equal(t, i, number(p), "echo")
@@ -1253,6 +1257,37 @@ func streamInCallback(t *testing.T, first *packet.Packet) *packet.Stream {
 	s.Outgoing <- first
 	<-entered
 	return s
+}
+
+// Close racing a swap ends the connection set last: Close returns and
+// Incoming closes, whichever of the two came first.
+func TestCloseRacingSwap(t *testing.T) {
+	for range 200 {
+		s := packet.NewStream(4)
+		a, peerA := net.Pipe()
+		b, peerB := net.Pipe()
+		s.SetConnection(a)
+		swapped := make(chan struct{})
+		go func() {
+			s.SetConnection(b)
+			close(swapped)
+		}()
+		closed := make(chan error, 1)
+		go func() { closed <- s.Close() }()
+		select {
+		case err := <-closed:
+			require.NoError(t, err)
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "Close did not return")
+		}
+		<-swapped
+		_, ok := <-s.Incoming
+		require.False(t, ok)
+		_, err := peerB.Read(make([]byte, 1))
+		require.Error(t, err, "the connection set last was closed")
+		peerA.Close()
+		peerB.Close()
+	}
 }
 
 // Close from the application while a callback runs sends what it can and
@@ -1935,7 +1970,7 @@ func TestResumeEcho(t *testing.T) {
 		s.OnError(func(e packet.IOError) { serverErrs <- e })
 	})
 	client := resumableClient(t, server.addr)
-	exchange(t, client, 1000)
+	exchange(t, client, 1000, nil)
 	require.NoError(t, client.Close())
 	select {
 	case <-server.ended:
@@ -1964,23 +1999,11 @@ func TestResumeThroughHotSwaps(t *testing.T) {
 		return c
 	}
 	client.SetConnection(dial())
-	const n = 5000
-	go func() {
-		for i := range n {
-			client.Outgoing <- numbered(i, 8+i%40)
-		}
-	}()
-	for i := range n {
+	exchange(t, client, 5000, func(i int) {
 		if i%250 == 0 {
 			client.SetConnection(dial()) // the old connection is alive
 		}
-		select {
-		case p := <-client.Incoming:
-			require.Equal(t, i, number(p), "echo")
-		case <-time.After(20 * time.Second):
-			require.FailNow(t, "echo missing", "%d of %d", i, n)
-		}
-	}
+	})
 }
 
 // With both ends resumable, 20,000 numbered packets each way arrive exactly
@@ -1992,7 +2015,7 @@ func TestResumeThroughResets(t *testing.T) {
 	t.Logf("seed %d", seed)
 	px := newCutProxy(t, server.addr, false, seed)
 	client := resumableClient(t, px.addr)
-	exchange(t, client, 20000)
+	exchange(t, client, 20000, nil)
 	assert.Greater(t, px.cuts.Load(), int32(5), "connections were cut")
 }
 
@@ -2005,7 +2028,7 @@ func TestResumeThroughBlackHoles(t *testing.T) {
 	px := newCutProxy(t, server.addr, true, seed)
 	client := resumableClient(t, px.addr)
 	client.SetKeepAlive(interval, timeout)
-	exchange(t, client, 5000)
+	exchange(t, client, 5000, nil)
 	assert.Greater(t, px.cuts.Load(), int32(2), "connections went silent")
 }
 
@@ -2096,7 +2119,7 @@ func TestSessionExpiry(t *testing.T) {
 	conn, err := net.Dial("tcp", px.addr())
 	require.NoError(t, err)
 	client.SetConnection(conn)
-	exchange(t, client, 10)
+	exchange(t, client, 10, nil)
 	px.close() // the client is gone and does not come back
 	select {
 	case <-server.ended:
@@ -2116,7 +2139,7 @@ func TestServerRestartLosesSession(t *testing.T) {
 	addr := old.addr()
 	client := resumableClient(t, func() string { mu.Lock(); defer mu.Unlock(); return addr })
 	errs := collectErrors(client)
-	exchange(t, client, 100)
+	exchange(t, client, 100, nil)
 
 	// The old server dies without a word: listener and connections.
 	old.ln.Close()
@@ -2153,7 +2176,7 @@ func TestServerRestartLosesSession(t *testing.T) {
 func TestSessionsCloseEndsClients(t *testing.T) {
 	server := newEchoServer(t, nil)
 	client := resumableClient(t, server.addr)
-	exchange(t, client, 10)
+	exchange(t, client, 10, nil)
 	require.NoError(t, server.sessions.Close())
 	select {
 	case _, ok := <-client.Incoming:
