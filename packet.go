@@ -203,7 +203,7 @@ func (b *batch) writeTo(w io.Writer) (int64, error) {
 		return b.writev(w)
 	}
 	n, err := w.Write(b.buf)
-	b.buf = b.buf[:0]
+	b.buf, b.start = b.buf[:0], 0
 	return int64(n), err
 }
 

@@ -588,8 +588,8 @@ func (w *writer) flush(c *conn) error {
 }
 
 // take adds p to pending, unless it is over the limit for c: then it is
-// reported and skipped.
-func (w *writer) take(c *conn, p *Packet) {
+// reported and skipped, and take returns false.
+func (w *writer) take(c *conn, p *Packet) bool {
 	limit := int(w.s.maxSize.Load())
 	if c.datagram {
 		limit = min(limit, maxDatagram-HeaderSize)
@@ -597,15 +597,16 @@ func (w *writer) take(c *conn, p *Packet) {
 	if len(p.Data) > limit {
 		if w.closing {
 			w.refused++
-			return
+		} else {
+			w.s.report(c, fmt.Errorf("%w: %d bytes not sent, limit %d", ErrTooLarge, len(p.Data), limit))
 		}
-		w.s.report(c, fmt.Errorf("%w: %d bytes not sent, limit %d", ErrTooLarge, len(p.Data), limit))
-		return
+		return false
 	}
 	w.pending = append(w.pending, p)
 	if w.sess != nil {
 		w.sess.held += HeaderSize + len(p.Data)
 	}
+	return true
 }
 
 // full tells whether a resumable stream holds as many unacknowledged bytes
@@ -626,8 +627,9 @@ func (w *writer) drain(c *conn) {
 	for copied <= batchCopyLimit && total < maxBatch && !w.full() {
 		select {
 		case p := <-w.s.outgoing:
-			w.take(c, p)
-			copied, total = batchSize(p, copied, total)
+			if w.take(c, p) {
+				copied, total = batchSize(p, copied, total)
+			}
 			taken++
 		default:
 			// Senders that found Outgoing full were woken by this drain but
@@ -672,8 +674,10 @@ func (w *writer) send(c *conn) error {
 			w.batch.buf = appendControl(w.batch.buf, frameAck, w.sess.received.Load())
 		}
 		control = len(w.batch.buf)
-		w.batch.start = control
 	}
+	// Control frames are copied, like small payloads: the first payload
+	// referred to in place comes after them.
+	w.batch.start = control
 	if w.sess != nil {
 		// The peer cannot acknowledge more than this before the write.
 		w.sess.sent.Store(w.sess.acked + uint64(len(w.sess.replay)+len(w.pending)))

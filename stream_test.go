@@ -1869,6 +1869,28 @@ func TestPingAnsweredWithPong(t *testing.T) {
 	assert.Empty(t, s.Incoming)
 }
 
+// A write that carried only a control frame leaves nothing behind in the
+// next batch: a large packet after a pong goes out byte for byte.
+func TestPongThenLargePacket(t *testing.T) {
+	a, raw := tcpPair(t)
+	s := newStream(t, 16)
+	s.SetConnection(a)
+	ping := []byte{0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+	_, err := raw.Write(ping)
+	require.NoError(t, err)
+	pong := make([]byte, 9)
+	_, err = io.ReadFull(raw, pong)
+	require.NoError(t, err)
+	require.Equal(t, byte(0x02), pong[0])
+
+	large := numbered(7, 20<<10)
+	s.Outgoing <- large
+	p, err := packet.NewDecoder(raw).Decode()
+	require.NoError(t, err)
+	assert.Equal(t, large.Type, p.Type)
+	assert.Equal(t, large.Data, p.Data)
+}
+
 // A flood of pings gets at most one pong each, allocates nothing per ping,
 // delivers nothing of its own and does not hold back data.
 func TestPingFlood(t *testing.T) {
