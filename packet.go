@@ -187,11 +187,12 @@ func (b *batch) add(p *Packet) {
 // returns the extended buf, which the batch's buf must become before a
 // write.
 func (b *batch) encode(buf []byte, p *Packet) []byte {
-	buf = appendHeader(buf, p.Type, len(p.Data))
-	if len(p.Data) <= copyLimit {
-		return append(buf, p.Data...)
+	data := p.Data // read once; after appendHeader the compiler would load it again
+	buf = appendHeader(buf, p.Type, len(data))
+	if len(data) <= copyLimit {
+		return append(buf, data...)
 	}
-	b.vec = append(b.vec, buf[b.start:], p.Data)
+	b.vec = append(b.vec, buf[b.start:], data)
 	b.start = len(buf)
 	return buf
 }
