@@ -379,17 +379,6 @@ func (d *Decoder) Decode() (*Packet, error) {
 	return d.newPacket(typ, data), nil
 }
 
-// next reads the next frame for a Stream: a packet, or a control frame (a
-// header whose length is negative), which comes with a nil packet.
-func (d *Decoder) next() (*Packet, controlFrame, error) {
-	d.control = true
-	p, err := d.Decode()
-	if p == nil && err == nil {
-		return nil, d.frame, nil
-	}
-	return p, controlFrame{}, err
-}
-
 // readPayload reads an n byte payload.
 //
 // A payload up to trustedSize, or up to what the peer has sent so far on

@@ -490,12 +490,12 @@ func (w *writer) receive(c *conn) {
 	// locks both.
 	select {
 	case p := <-w.s.outgoing:
-		w.take(c, p)
+		w.take(c, p, w.sendLimit(c))
 	default:
 		w.idle()
 		select {
 		case p := <-w.s.outgoing:
-			w.take(c, p)
+			w.take(c, p, w.sendLimit(c))
 		case <-w.s.wake:
 		}
 	}
@@ -587,19 +587,12 @@ func (w *writer) flush(c *conn) error {
 	return nil
 }
 
-// take adds p to pending, unless it is over the limit for c: then it is
-// reported and skipped, and take returns false.
-func (w *writer) take(c *conn, p *Packet) bool {
-	limit := int(w.s.maxSize.Load())
-	if c.datagram {
-		limit = min(limit, maxDatagram-HeaderSize)
-	}
+// take adds p to pending, unless it is over limit (sendLimit): then it is
+// refused, and take returns false. It is small enough to inline, as it runs
+// for every packet.
+func (w *writer) take(c *conn, p *Packet, limit int) bool {
 	if len(p.Data) > limit {
-		if w.closing {
-			w.refused++
-		} else {
-			w.s.report(c, fmt.Errorf("%w: %d bytes not sent, limit %d", ErrTooLarge, len(p.Data), limit))
-		}
+		w.refuse(c, p, limit)
 		return false
 	}
 	w.pending = append(w.pending, p)
@@ -607,6 +600,25 @@ func (w *writer) take(c *conn, p *Packet) bool {
 		w.sess.held += HeaderSize + len(p.Data)
 	}
 	return true
+}
+
+// sendLimit is the largest payload the writer sends on c.
+func (w *writer) sendLimit(c *conn) int {
+	limit := int(w.s.maxSize.Load())
+	if c.datagram {
+		limit = min(limit, maxDatagram-HeaderSize)
+	}
+	return limit
+}
+
+// refuse skips a packet over the limit: it is reported, or counted as
+// unsent once the stream is closing.
+func (w *writer) refuse(c *conn, p *Packet, limit int) {
+	if w.closing {
+		w.refused++
+		return
+	}
+	w.s.report(c, fmt.Errorf("%w: %d bytes not sent, limit %d", ErrTooLarge, len(p.Data), limit))
 }
 
 // full tells whether a resumable stream holds as many unacknowledged bytes
@@ -623,11 +635,11 @@ func (w *writer) drain(c *conn) {
 	for _, p := range w.pending {
 		copied, total = batchSize(p, copied, total)
 	}
-	taken := 0
+	taken, limit := 0, w.sendLimit(c)
 	for copied <= batchCopyLimit && total < maxBatch && !w.full() {
 		select {
 		case p := <-w.s.outgoing:
-			if w.take(c, p) {
+			if w.take(c, p, limit) {
 				copied, total = batchSize(p, copied, total)
 			}
 			taken++
@@ -803,6 +815,7 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 	defer cr.release()
 	d := NewDecoder(cr)
 	d.SetMaxSize(int(s.maxSize.Load()))
+	d.control = true
 	var err error
 	if c.hs != nil {
 		err = r.handshake(cr, d)
@@ -816,12 +829,12 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 // readStream decodes packets from a byte stream until an error.
 func (r *reader) readStream(cr *connReader, d *Decoder) error {
 	for {
-		p, f, err := d.next()
+		p, err := d.Decode()
 		if err != nil {
 			return err
 		}
 		if p == nil {
-			if err := r.controlStream(f); err != nil {
+			if err := r.controlStream(d.frame); err != nil {
 				return err
 			}
 			continue
@@ -899,22 +912,30 @@ func (r *reader) controlStream(f controlFrame) error {
 }
 
 // deliver sends p on Incoming, or to the backlog once the connection has
-// ended while p waited. It returns false when the stream closes.
+// ended while p waited. It returns false when the stream closes. Its first
+// try is small enough to inline, as it runs for every packet.
 func (r *reader) deliver(p *Packet) bool {
-	s := r.s
+	// Try the send alone first: a select over several channels locks them
+	// all.
 	if !r.diverted {
-		// Try the send alone first: a select over several channels locks
-		// them all.
 		select {
-		case s.incoming <- p:
+		case r.s.incoming <- p:
 			return true
 		default:
 		}
+	}
+	return r.wait(p)
+}
+
+// wait is deliver for a packet that Incoming had no room for.
+func (r *reader) wait(p *Packet) bool {
+	s := r.s
+	if !r.diverted {
+		// Close ends the live connection too, so c's end is all there
+		// is to wait for besides Incoming.
 		select {
 		case s.incoming <- p:
 			return true
-		case <-s.closing:
-			return false
 		case <-r.c.done:
 			r.diverted = true
 		}
@@ -1459,7 +1480,8 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 		if _, err := c.Write(append(hello, token[:]...)); err != nil {
 			return err
 		}
-		p, f, err := d.next()
+		p, err := d.Decode()
+		f := d.frame
 		switch {
 		case err != nil:
 			return err
