@@ -587,9 +587,8 @@ func (w *writer) flush(c *conn) error {
 	return nil
 }
 
-// take adds p to pending, unless it is over limit (sendLimit): then it is
-// refused, and take returns false. It is small enough to inline, as it runs
-// for every packet.
+// take adds p to pending, unless it is over limit (sendLimit, read once
+// per drain): then it is refused, and take returns false.
 func (w *writer) take(c *conn, p *Packet, limit int) bool {
 	if len(p.Data) > limit {
 		w.refuse(c, p, limit)
