@@ -189,12 +189,18 @@ func (b *batch) add(p *Packet) {
 func (b *batch) encode(buf []byte, p *Packet) []byte {
 	data := p.Data // read once; after appendHeader the compiler would load it again
 	buf = appendHeader(buf, p.Type, len(data))
-	if len(data) <= copyLimit {
+	if copies(len(data)) {
 		return append(buf, data...)
 	}
 	b.vec = append(b.vec, buf[b.start:], data)
 	b.start = len(buf)
 	return buf
+}
+
+// copies tells whether a batch copies a payload of n bytes next to its
+// header; a larger one is referred to in place.
+func copies(n int) bool {
+	return n <= copyLimit
 }
 
 // writeTo writes the batch with one call and returns how many bytes went

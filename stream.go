@@ -659,7 +659,7 @@ func (w *writer) drain(c *conn) {
 // batchSize adds p to a batch's count of copied and total bytes.
 func batchSize(p *Packet, copied, total int) (int, int) {
 	copied += HeaderSize
-	if len(p.Data) <= copyLimit {
+	if copies(len(p.Data)) {
 		copied += len(p.Data)
 	}
 	return copied, total + HeaderSize + len(p.Data)
