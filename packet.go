@@ -25,12 +25,19 @@ import (
 )
 
 // Packet is one typed message: a type byte chosen by the application and a
-// payload. Its length on the wire is always len(Data).
+// payload.
 //
 // The wire encoding is 1 byte Type, 8 bytes big-endian signed length, then
 // the payload, byte for byte as the original aerogo/packet wrote it.
 type Packet struct {
 	Type byte
+
+	// Length is len(Data) in every packet that New returns and in every
+	// packet this package decodes. It is kept for the original's users: the
+	// length on the wire is always len(Data), so a packet whose Length
+	// disagrees is encoded from Data, and nothing here reads Length.
+	Length int64
+
 	Data []byte
 }
 
@@ -82,6 +89,10 @@ var (
 
 	// ErrMalformed means a datagram's bytes do not form whole packets.
 	ErrMalformed = errors.New("packet: malformed datagram")
+
+	// ErrNilPacket means a nil *Packet was sent on a Stream's Outgoing. It
+	// is reported and skipped, and the packets around it go out.
+	ErrNilPacket = errors.New("packet: nil packet sent")
 
 	// ErrUnsent means a Stream was closed with packets it could not send.
 	ErrUnsent = errors.New("packet: stream closed with packets unsent")
@@ -143,7 +154,7 @@ type batch struct {
 // New returns a packet of the given type carrying data. The packet refers to
 // data; it does not copy it.
 func New(byteCode byte, data []byte) *Packet {
-	return &Packet{Type: byteCode, Data: data}
+	return &Packet{Type: byteCode, Length: int64(len(data)), Data: data}
 }
 
 // Bytes returns the packet's wire encoding in a new slice.
@@ -259,7 +270,7 @@ func (p *Packet) Release() {
 		return
 	}
 	releasing.Store(true)
-	p.Type, p.Data = 0, p.Data[:0]
+	p.Type, p.Length, p.Data = 0, 0, p.Data[:0]
 	released[k].Put(p)
 }
 
@@ -463,7 +474,7 @@ func (d *Decoder) newPacket(typ byte, data []byte) *Packet {
 	}
 	p := &d.packets[0]
 	d.packets = d.packets[1:]
-	p.Type, p.Data = typ, data
+	p.Type, p.Length, p.Data = typ, int64(len(data)), data
 	return p
 }
 
@@ -475,7 +486,7 @@ func (d *Decoder) largePacket(typ byte, data []byte) *Packet {
 		p = new(Packet)
 	}
 	d.spare = nil
-	p.Type, p.Data = typ, data
+	p.Type, p.Length, p.Data = typ, int64(len(data)), data
 	return p
 }
 
@@ -531,6 +542,27 @@ func (d *Decoder) decodeDatagram(b []byte, deliver func(*Packet) bool, control f
 		}
 	}
 	return nil
+}
+
+// Int64ToBytes returns the 8 byte big-endian encoding of i, the form of a
+// packet's length on the wire. It is kept for the original's users; new code
+// can call binary.BigEndian.AppendUint64 from encoding/binary.
+func Int64ToBytes(i int64) []byte {
+	return binary.BigEndian.AppendUint64(make([]byte, 0, 8), uint64(i))
+}
+
+// Int64FromBytes reads a big-endian int64 from the first 8 bytes of b. With
+// fewer bytes it returns an error, as encoding/binary.Read does: io.EOF for
+// none, io.ErrUnexpectedEOF for some. It is kept for the original's users;
+// new code can call binary.BigEndian.Uint64 from encoding/binary.
+func Int64FromBytes(b []byte) (int64, error) {
+	switch {
+	case len(b) == 0:
+		return 0, io.EOF
+	case len(b) < 8:
+		return 0, io.ErrUnexpectedEOF
+	}
+	return int64(binary.BigEndian.Uint64(b)), nil
 }
 
 // appendHeader appends a packet header for an n byte payload to b.

@@ -362,6 +362,39 @@ func TestWriteReturnsWriterError(t *testing.T) {
 	}
 }
 
+// The wire carries len(Data): a packet whose Length disagrees, as a caller
+// of the original might leave it, is encoded from Data.
+func TestLengthDisagreeingIsEncodedFromData(t *testing.T) {
+	for _, length := range []int64{0, 3, 100, -1} {
+		p := &packet.Packet{Type: 9, Length: length, Data: []byte("abcd")}
+		want := "09000000000000000461626364"
+		assert.Equal(t, want, hex.EncodeToString(p.Bytes()), "Bytes, Length %d", length)
+		var buf bytes.Buffer
+		require.NoError(t, p.Write(&buf))
+		assert.Equal(t, want, hex.EncodeToString(buf.Bytes()), "Write, Length %d", length)
+	}
+}
+
+// Int64ToBytes and Int64FromBytes, kept for the original's users, are the
+// big-endian form of a length on the wire; short input is an error, not a
+// panic.
+func TestInt64Helpers(t *testing.T) {
+	for _, i := range []int64{0, 1, 4, -1, math.MaxInt64, math.MinInt64} {
+		b := packet.Int64ToBytes(i)
+		assert.Equal(t, binary.BigEndian.AppendUint64(nil, uint64(i)), b)
+		got, err := packet.Int64FromBytes(b)
+		require.NoError(t, err)
+		assert.Equal(t, i, got)
+	}
+	got, err := packet.Int64FromBytes(unhex(t, "0000000000000004ff"))
+	require.NoError(t, err, "bytes after the first 8 are ignored")
+	assert.Equal(t, int64(4), got)
+	_, err = packet.Int64FromBytes(nil)
+	assert.ErrorIs(t, err, io.EOF)
+	_, err = packet.Int64FromBytes([]byte{0, 0, 4})
+	assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
+}
+
 // ---- Decoding ----
 
 func TestWireVectorsDecodeThenEOF(t *testing.T) {
@@ -543,6 +576,26 @@ func TestDecodeIndifferentToShortReads(t *testing.T) {
 			assert.Equal(t, io.EOF, err)
 			assertPackets(t, want, got)
 		})
+	}
+}
+
+// Every decoded packet's Length is len(Data), small, large and reused.
+func TestDecodedLengthIsLenData(t *testing.T) {
+	sizes := []int{0, 5, 2 << 10, 2<<10 + 1, 100 << 10}
+	var stream bytes.Buffer
+	for round := range 2 {
+		stream.Reset()
+		for _, n := range sizes {
+			stream.Write(packet.New(1, testPayload(n, byte(n))).Bytes())
+		}
+		d := packet.NewDecoder(&stream)
+		for _, n := range sizes {
+			p, err := d.Decode()
+			require.NoError(t, err)
+			assert.Equal(t, int64(n), p.Length, "round %d, %d bytes", round, n)
+			assert.Len(t, p.Data, n)
+			p.Release() // the second round reuses what this one released
+		}
 	}
 }
 

@@ -25,12 +25,14 @@ import (
 // Outgoing and the only sender on Incoming; it closes Incoming after Close
 // (never Outgoing). Once a packet is sent on Outgoing the stream owns it: do
 // not modify the packet or its Data afterwards, since it may be written again
-// after a failure. A packet received from Incoming is the receiver's, who
+// after a failure. The stream only reads a sent packet, so one packet may be
+// sent to any number of streams at once: that is how a server broadcasts. A
+// nil packet is reported with ErrNilPacket and skipped. A packet received from Incoming is the receiver's, who
 // may hand it back with Packet.Release when done with it. The stream owns
 // the connections it is given and closes them.
 //
-// A stream runs one writer goroutine for its whole life and one reader
-// goroutine per connection. OnError callbacks run on neither: they run one
+// A stream runs one writer goroutine from NewStream until Close, so close
+// every stream you make, and one reader goroutine per connection. OnError callbacks run on neither: they run one
 // at a time, in registration order, on a goroutine of their own that exists
 // only while there are reports to make. So a callback may take its time,
 // call SetConnection or Close, and send on Outgoing, and the stream keeps
@@ -89,7 +91,8 @@ type Stream struct {
 
 	// Outgoing takes the packets to send. Sending on it after Close is the
 	// caller's error: such a send blocks for ever once the channel is full,
-	// and its packet is never sent.
+	// and its packet is never sent. So is closing it: the stream sends what
+	// was queued and takes nothing more.
 	Outgoing chan<- *Packet
 
 	incoming chan *Packet
@@ -111,6 +114,7 @@ type Stream struct {
 	session *session
 
 	mu           sync.Mutex    // guards the fields below
+	redial       *redialer     // set by KeepConnected
 	conn         *conn         // the live connection, nil when there is none
 	last         net.Conn      // the connection most recently given
 	lastReader   chan struct{} // closed when the newest reader exits; each waits for the one before
@@ -161,6 +165,7 @@ const (
 // Outgoing and not yet completely written, and its batch.
 type writer struct {
 	s       *Stream
+	in      <-chan *Packet // Outgoing; nil once the caller closed it
 	pending []*Packet
 	batch   batch
 	block   *[]byte     // from blockPool while the writer is busy
@@ -229,7 +234,7 @@ var noReader = func() chan struct{} { c := make(chan struct{}); close(c); return
 // channelBufferSize is negative.
 func NewStream(channelBufferSize int) *Stream {
 	if channelBufferSize < 0 {
-		panic(fmt.Sprintf("packet: NewStream(%d): negative channel buffer size", channelBufferSize))
+		panic(fmt.Errorf("packet: NewStream(%d): negative channel buffer size", channelBufferSize))
 	}
 	s := &Stream{
 		incoming:     make(chan *Packet, channelBufferSize),
@@ -253,7 +258,7 @@ func NewStream(channelBufferSize int) *Stream {
 // is nil: a failed dial is not a connection.
 func (s *Stream) SetConnection(nc net.Conn) {
 	if nc == nil {
-		panic("packet: SetConnection(nil)")
+		panic(errors.New("packet: SetConnection(nil): nil connection"))
 	}
 	s.setConnection(nc, nil)
 }
@@ -309,7 +314,7 @@ func (s *Stream) Connection() net.Conn {
 // returns what it could not send. It panics if callback is nil.
 func (s *Stream) OnError(callback func(IOError)) {
 	if callback == nil {
-		panic("packet: OnError(nil)")
+		panic(errors.New("packet: OnError(nil): nil callback"))
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -327,7 +332,7 @@ func (s *Stream) OnError(callback func(IOError)) {
 // connection: give both ends the same limit.
 func (s *Stream) SetMaxSize(n int) {
 	if n < 0 {
-		panic(fmt.Sprintf("packet: SetMaxSize(%d): negative size", n))
+		panic(fmt.Errorf("packet: SetMaxSize(%d): negative size", n))
 	}
 	s.maxSize.Store(int64(n))
 }
@@ -431,7 +436,7 @@ func (s *Stream) Close() error {
 // and waits while there is none; when the stream closes, it flushes.
 func (s *Stream) writeLoop() {
 	defer close(s.writerDone)
-	w := &writer{s: s}
+	w := &writer{s: s, in: s.outgoing}
 	for {
 		if s.closingNow() {
 			s.unsent = w.finish()
@@ -489,13 +494,13 @@ func (w *writer) receive(c *conn) {
 	// Try the receive alone first: a select over two channels
 	// locks both.
 	select {
-	case p := <-w.s.outgoing:
-		w.take(c, p, w.sendLimit(c))
+	case p, ok := <-w.in:
+		w.take(c, p, ok)
 	default:
 		w.idle()
 		select {
-		case p := <-w.s.outgoing:
-			w.take(c, p, w.sendLimit(c))
+		case p, ok := <-w.in:
+			w.take(c, p, ok)
 		case <-w.s.wake:
 		}
 	}
@@ -539,9 +544,12 @@ func (w *writer) finish() error {
 	}
 	for {
 		select {
-		case <-w.s.outgoing:
-			unsent++
-			continue
+		case _, ok := <-w.in:
+			if ok {
+				unsent++
+				continue
+			}
+			w.in = nil
 		default:
 		}
 		break
@@ -587,10 +595,20 @@ func (w *writer) flush(c *conn) error {
 	return nil
 }
 
-// take adds p to pending, unless it is over limit (sendLimit, read once
-// per drain): then it is refused, and take returns false.
-func (w *writer) take(c *conn, p *Packet, limit int) bool {
-	if len(p.Data) > limit {
+// take adds p, received from Outgoing with ok, to pending. A closed
+// Outgoing (!ok) is the caller's error: the writer stops receiving from it.
+func (w *writer) take(c *conn, p *Packet, ok bool) {
+	if !ok {
+		w.in = nil
+		return
+	}
+	w.takeWithin(c, p, w.sendLimit(c))
+}
+
+// takeWithin adds p to pending, unless it is nil or over limit (sendLimit,
+// read once per drain): then it is refused, and takeWithin returns false.
+func (w *writer) takeWithin(c *conn, p *Packet, limit int) bool {
+	if p == nil || len(p.Data) > limit {
 		w.refuse(c, p, limit)
 		return false
 	}
@@ -610,14 +628,17 @@ func (w *writer) sendLimit(c *conn) int {
 	return limit
 }
 
-// refuse skips a packet over the limit: it is reported, or counted as
-// unsent once the stream is closing.
+// refuse skips a nil packet or one over the limit: it is reported, or
+// counted as unsent once the stream is closing.
 func (w *writer) refuse(c *conn, p *Packet, limit int) {
-	if w.closing {
+	switch {
+	case w.closing:
 		w.refused++
-		return
+	case p == nil:
+		w.s.report(c, fmt.Errorf("%w: skipped", ErrNilPacket))
+	default:
+		w.s.report(c, fmt.Errorf("%w: %d bytes not sent, limit %d", ErrTooLarge, len(p.Data), limit))
 	}
-	w.s.report(c, fmt.Errorf("%w: %d bytes not sent, limit %d", ErrTooLarge, len(p.Data), limit))
 }
 
 // full tells whether a resumable stream holds as many unacknowledged bytes
@@ -637,8 +658,12 @@ func (w *writer) drain(c *conn) {
 	taken, limit := 0, w.sendLimit(c)
 	for copied <= batchCopyLimit && total < maxBatch && !w.full() {
 		select {
-		case p := <-w.s.outgoing:
-			if w.take(c, p, limit) {
+		case p, ok := <-w.in:
+			if !ok {
+				w.in = nil
+				return
+			}
+			if w.takeWithin(c, p, limit) {
 				copied, total = batchSize(p, copied, total)
 			}
 			taken++
@@ -993,6 +1018,7 @@ func (s *Stream) endLocked(c *conn, err error) bool {
 	}
 	if err != nil && err != errSessionOver {
 		s.reportLocked(IOError{Connection: c.Conn, Error: err})
+		s.redialLocked()
 	}
 	if s.session != nil && s.conn == nil {
 		s.session.down()
@@ -1206,7 +1232,7 @@ type Sessions struct {
 // Outgoing channels of channelBufferSize packets.
 func NewSessions(channelBufferSize int) *Sessions {
 	if channelBufferSize < 0 {
-		panic(fmt.Sprintf("packet: NewSessions(%d): negative channel buffer size", channelBufferSize))
+		panic(fmt.Errorf("packet: NewSessions(%d): negative channel buffer size", channelBufferSize))
 	}
 	return &Sessions{
 		size:             channelBufferSize,
@@ -1244,8 +1270,11 @@ func (ss *Sessions) SetExpiry(d time.Duration) {
 // within the handshake timeout gets conn closed and an error wrapping
 // ErrHandshake. A hello for a session this registry does not know (it
 // expired, or the server restarted) is answered so that the client starts a
-// new session on the same connection.
+// new session on the same connection. It panics if conn is nil.
 func (ss *Sessions) Accept(conn net.Conn) (stream *Stream, isNew bool, err error) {
+	if conn == nil {
+		panic(errors.New("packet: Accept(nil): nil connection"))
+	}
 	ss.mu.Lock()
 	timeout, closed := ss.handshakeTimeout, ss.closed
 	ss.mu.Unlock()
@@ -1357,7 +1386,7 @@ func (s *Stream) EnableResume() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.last != nil {
-		panic("packet: EnableResume after SetConnection")
+		panic(errors.New("packet: EnableResume after SetConnection"))
 	}
 	if s.session == nil {
 		s.session = &session{s: s}
@@ -1371,82 +1400,114 @@ func (s *Stream) EnableResume() {
 // negative.
 func (s *Stream) SetReplayLimit(n int) {
 	if n < 0 {
-		panic(fmt.Sprintf("packet: SetReplayLimit(%d): negative size", n))
+		panic(fmt.Errorf("packet: SetReplayLimit(%d): negative size", n))
 	}
 	s.replayLimit.Store(int64(n))
 }
 
 // KeepConnected keeps the stream connected while it is open: it dials at
 // once if the stream has no connection, and again whenever a connection
-// fails, then hands the new connection to SetConnection. It backs off while
-// dials fail, and also while connections fail soon after they were made (a
-// server that accepts and drops, a proxy whose backend is down): the wait
-// starts at 50 ms and doubles up to maxWait, each wait drawn at random from
-// its upper half so that the clients of a server that restarts do not all
-// come back at once. A connection that lasted maxWait resets the wait. It
-// runs as an OnError callback, after those registered before it; a report
-// that leaves the connection up (an oversized packet, ErrSessionLost) does
-// not make it dial.
+// fails, then hands the new connection to SetConnection. Every failed dial
+// is reported to the OnError callbacks, with a nil Connection and an error
+// wrapping the dial's. It backs off while dials fail, and also while
+// connections fail soon after they were made (a server that accepts and
+// drops, a proxy whose backend is down): the wait starts at 50 ms and
+// doubles up to maxWait (at least 50 ms), each wait drawn at random from its
+// upper half so that the clients of a server that restarts do not all come
+// back at once. A connection that lasted maxWait resets the wait.
+//
+// The dialing runs on a goroutine of its own that exists only while the
+// stream has no connection, never on the callbacks' goroutine. A report that
+// leaves the connection up (an oversized packet, ErrSessionLost) does not
+// make it dial. Calling KeepConnected again replaces dial and maxWait. It
+// panics if dial is nil.
 func (s *Stream) KeepConnected(dial func() (net.Conn, error), maxWait time.Duration) {
-	r := &redialer{s: s, dial: dial, maxWait: max(maxWait, time.Millisecond), wait: minRedialWait}
-	s.OnError(func(IOError) { r.run() })
-	if s.liveConn() == nil {
-		go r.run()
+	if dial == nil {
+		panic(errors.New("packet: KeepConnected(nil, ...): nil dial function"))
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.redial == nil {
+		s.redial = &redialer{wait: minRedialWait}
+	}
+	s.redial.dial, s.redial.maxWait = dial, max(maxWait, minRedialWait)
+	s.redialLocked()
 }
 
 // minRedialWait is KeepConnected's first wait between failures.
 const minRedialWait = 50 * time.Millisecond
 
-// redialer is KeepConnected's state. mu makes its runs one at a time: the
-// first on a goroutine of its own, the others on the callback goroutine.
+// redialer is KeepConnected's state, guarded by Stream.mu.
 type redialer struct {
-	mu        sync.Mutex
-	s         *Stream
 	dial      func() (net.Conn, error)
 	maxWait   time.Duration
 	wait      time.Duration // before the next dial, after a failure
 	connected time.Time     // when the last connection was set
+	running   bool          // redialLoop runs
 }
 
-// run dials until a connection is set or the stream closes.
-func (r *redialer) run() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	s := r.s
-	if s.liveConn() != nil || s.closingNow() {
+// redialLocked starts the reconnect loop if the stream keeps connected, has
+// no connection and no loop runs. The caller holds s.mu.
+func (s *Stream) redialLocked() {
+	r := s.redial
+	if r == nil || r.running || s.conn != nil || s.isClosing {
 		return
 	}
+	r.running = true
+	go s.redialLoop(r)
+}
+
+// redialLoop dials until the stream has a connection or closes.
+func (s *Stream) redialLoop(r *redialer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// The first dial is at once, and so is the first after a connection
+	// that lasted; after one that failed soon, back off as after a failed
+	// dial.
+	pause := false
 	if !r.connected.IsZero() {
 		if time.Since(r.connected) >= r.maxWait {
 			r.wait = minRedialWait
-		} else if !r.pause() {
-			return // the connection failed soon: back off as for a failed dial
+		} else {
+			pause = true
 		}
 	}
-	for s.liveConn() == nil && !s.closingNow() {
-		conn, err := r.dial()
-		if err == nil {
-			r.connected = time.Now()
-			s.SetConnection(conn)
-			return
+	for s.conn == nil && !s.isClosing {
+		if pause {
+			wait := r.wait/2 + mrand.N(r.wait/2+1)
+			r.wait = min(2*r.wait, r.maxWait)
+			s.mu.Unlock()
+			ok := s.sleep(wait)
+			s.mu.Lock()
+			if !ok {
+				break
+			}
 		}
-		if !r.pause() {
-			return
+		pause = true
+		dial := r.dial
+		s.mu.Unlock()
+		nc, err := dial()
+		s.mu.Lock()
+		if err != nil {
+			s.reportLocked(IOError{Error: fmt.Errorf("packet: dial: %w", err)})
+			continue
 		}
+		r.connected = time.Now()
+		s.mu.Unlock()
+		s.SetConnection(nc)
+		s.mu.Lock()
 	}
+	r.running = false
 }
 
-// pause waits before the next dial and doubles the wait; it returns false
-// if the stream closed meanwhile.
-func (r *redialer) pause() bool {
-	t := time.NewTimer(r.wait/2 + mrand.N(r.wait/2+1))
+// sleep waits for d; it returns false if the stream closed meanwhile.
+func (s *Stream) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
 	defer t.Stop()
-	r.wait = min(2*r.wait, r.maxWait)
 	select {
 	case <-t.C:
 		return true
-	case <-r.s.closing:
+	case <-s.closing:
 		return false
 	}
 }

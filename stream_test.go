@@ -716,15 +716,31 @@ func TestQueuedPacketsGoOutInOneWrite(t *testing.T) {
 
 // ---- Programmer errors ----
 
-// Programmer errors panic at once, with a message that names them, instead
-// of failing later on a stream goroutine: nil for SetConnection (a failed
-// dial is not a connection) and OnError, negative sizes.
-func TestProgrammerErrorsPanic(t *testing.T) {
+// Programmer errors panic at once, on the caller's goroutine, with an error
+// whose message names them, as the original's did: nil for SetConnection (a
+// failed dial is not a connection), OnError and KeepConnected, negative
+// sizes, EnableResume too late.
+func TestProgrammerErrorsPanicWithErrors(t *testing.T) {
 	s := newStream(t, 16)
-	assert.PanicsWithValue(t, "packet: SetConnection(nil)", func() { s.SetConnection(nil) })
-	assert.PanicsWithValue(t, "packet: OnError(nil)", func() { s.OnError(nil) })
-	assert.PanicsWithValue(t, "packet: SetMaxSize(-1): negative size", func() { s.SetMaxSize(-1) })
-	assert.PanicsWithValue(t, "packet: NewStream(-1): negative channel buffer size", func() { packet.NewStream(-1) })
+	for _, c := range []struct {
+		call func()
+		want string
+	}{
+		{func() { s.SetConnection(nil) }, "packet: SetConnection(nil): nil connection"},
+		{func() { s.OnError(nil) }, "packet: OnError(nil): nil callback"},
+		{func() { s.KeepConnected(nil, time.Second) }, "packet: KeepConnected(nil, ...): nil dial function"},
+		{func() { s.SetMaxSize(-1) }, "packet: SetMaxSize(-1): negative size"},
+		{func() { s.SetReplayLimit(-1) }, "packet: SetReplayLimit(-1): negative size"},
+		{func() { packet.NewStream(-1) }, "packet: NewStream(-1): negative channel buffer size"},
+		{func() { packet.NewSessions(-1) }, "packet: NewSessions(-1): negative channel buffer size"},
+		{func() { packet.NewSessions(1).Accept(nil) }, "packet: Accept(nil): nil connection"},
+	} {
+		assert.PanicsWithError(t, c.want, c.call)
+	}
+	late := newStream(t, 1)
+	a, _ := tcpPair(t)
+	late.SetConnection(a)
+	assert.PanicsWithError(t, "packet: EnableResume after SetConnection", late.EnableResume)
 
 	// The stream is unharmed: the next failure reaches the callbacks.
 	errs := collectErrors(s)
@@ -732,6 +748,213 @@ func TestProgrammerErrorsPanic(t *testing.T) {
 	s.SetConnection(a)
 	peer.Close()
 	assert.ErrorIs(t, receiveError(t, errs).Error, io.EOF)
+}
+
+// ---- The original's tests ----
+
+// What the original aerogo/packet's own test file checks, in our words: its
+// two nil panics read as recover().(error), its helpers and Length, a write
+// deadline in the past, read errors, and its ping-pong (Example,
+// ExampleStream_SetConnection).
+
+// The original's TestNilConnection and TestNilOnError.
+func TestOriginalNilPanicsAreErrors(t *testing.T) {
+	for name, call := range map[string]func(*packet.Stream){
+		"SetConnection": func(s *packet.Stream) { s.SetConnection(nil) },
+		"OnError":       func(s *packet.Stream) { s.OnError(nil) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			defer func() {
+				err := recover()
+				require.NotNil(t, err)
+				assert.Contains(t, err.(error).Error(), "nil")
+			}()
+			call(newStream(t, 0))
+		})
+	}
+}
+
+// The original's TestUtils: Length is the payload's length, and the helpers
+// round-trip it.
+func TestOriginalUtils(t *testing.T) {
+	ping := packet.New(0, []byte("ping"))
+	assert.Len(t, ping.Bytes(), 1+8+4)
+	assert.Equal(t, int64(4), ping.Length)
+	length, err := packet.Int64FromBytes(packet.Int64ToBytes(ping.Length))
+	require.NoError(t, err)
+	assert.Equal(t, ping.Length, length)
+}
+
+// The original's TestWriteTimeout: a write deadline already passed fails the
+// write; the stream reports it and the process lives.
+func TestOriginalWriteDeadlinePassed(t *testing.T) {
+	a, _ := tcpPair(t)
+	s := newStream(t, 0)
+	errs := collectErrors(s)
+	s.SetConnection(a)
+	require.NoError(t, a.SetWriteDeadline(time.Now()))
+	s.Outgoing <- packet.New(0, []byte("ping"))
+	e := receiveError(t, errs)
+	assert.ErrorIs(t, e.Error, os.ErrDeadlineExceeded)
+	assert.Same(t, a, e.Connection)
+}
+
+// readFails fails its failAt-th Read.
+type readFails struct {
+	net.Conn
+	reads, failAt int
+}
+
+var errReadFault = errors.New("injected read fault")
+
+func (c *readFails) Read(p []byte) (int, error) {
+	c.reads++
+	if c.reads == c.failAt {
+		return 0, errReadFault
+	}
+	return c.Conn.Read(p)
+}
+
+// The original's TestReadError: a connection whose first, second or third
+// read fails is reported with that error; a stream on a sound connection to
+// the same server then gets its pong.
+func TestOriginalReadErrors(t *testing.T) {
+	ln := listen(t)
+	servers := make(chan *packet.Stream, 8)
+	acceptStreams(t, ln, servers)
+	go func() {
+		for s := range servers {
+			go func() {
+				for range s.Incoming {
+					s.Outgoing <- packet.New(0, []byte("pong"))
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() { close(servers) })
+	for failAt := 1; failAt <= 3; failAt++ {
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		require.NoError(t, err)
+		client := newStream(t, 1)
+		errs := collectErrors(client)
+		client.SetConnection(&readFails{Conn: conn, failAt: failAt})
+		// Reads before the failing one deliver pongs: keep asking until
+		// the failure is reported.
+		deadline := time.After(10 * time.Second)
+		for reported := false; !reported; {
+			select {
+			case client.Outgoing <- packet.New(0, []byte("ping")):
+			case <-deadline:
+				require.FailNow(t, "no report", "read %d", failAt)
+			}
+			select {
+			case p := <-client.Incoming:
+				assert.Equal(t, "pong", string(p.Data))
+			case e := <-errs:
+				assert.ErrorIs(t, e.Error, errReadFault, "read %d", failAt)
+				reported = true
+			case <-deadline:
+				require.FailNow(t, "no report", "read %d", failAt)
+			}
+		}
+	}
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	client := newStream(t, 0)
+	client.SetConnection(conn)
+	client.Outgoing <- packet.New(0, []byte("ping"))
+	assert.Equal(t, "pong", string(receive(t, client).Data))
+}
+
+// Packets a stream receives have Length set, over a byte stream and over
+// datagrams, as the original's did.
+func TestReceivedLengthIsLenData(t *testing.T) {
+	for name, pair := range map[string]func() (net.Conn, net.Conn){
+		"TCP": func() (net.Conn, net.Conn) { return tcpPair(t) },
+		"UDP": func() (net.Conn, net.Conn) { a, b := udpPair(t); return a, b },
+	} {
+		t.Run(name, func(t *testing.T) {
+			a, b := pair()
+			sender, receiver := streamsOn(t, a, b, 8)
+			sizes := []int{0, 4, 3000, 40 << 10}
+			for _, n := range sizes {
+				sender.Outgoing <- packet.New(1, make([]byte, n))
+			}
+			for _, n := range sizes {
+				p := receive(t, receiver)
+				assert.Equal(t, int64(n), p.Length)
+				assert.Len(t, p.Data, n)
+			}
+		})
+	}
+}
+
+// ---- Caller slips ----
+
+// A nil packet on Outgoing is reported and skipped: the packets around it
+// arrive in order and the connection stays up.
+func TestNilPacketReportedAndSkipped(t *testing.T) {
+	a, b := tcpPair(t)
+	sender, receiver := streamsOn(t, a, b, 16)
+	errs := collectErrors(sender)
+	sender.Outgoing <- packet.New(1, []byte("before"))
+	sender.Outgoing <- nil
+	sender.Outgoing <- packet.New(2, []byte("after"))
+	assert.Equal(t, "before", string(receive(t, receiver).Data))
+	assert.Equal(t, "after", string(receive(t, receiver).Data))
+	e := receiveError(t, errs)
+	assert.ErrorIs(t, e.Error, packet.ErrNilPacket)
+	assert.Same(t, a, e.Connection)
+	// Still up: a packet after the report arrives on the same connection.
+	sender.Outgoing <- packet.New(3, []byte("later"))
+	assert.Equal(t, "later", string(receive(t, receiver).Data))
+	assert.Same(t, a, sender.Connection())
+	assert.Empty(t, errs)
+}
+
+// A nil packet queued when Close runs is counted as unsent, like any other.
+func TestNilPacketAtCloseCountedUnsent(t *testing.T) {
+	s := packet.NewStream(4)
+	s.Outgoing <- packet.New(1, nil)
+	s.Outgoing <- nil
+	err := s.Close()
+	assert.ErrorIs(t, err, packet.ErrUnsent)
+	assert.Contains(t, err.Error(), "unsent: 2")
+}
+
+// Closing Outgoing, a caller's error, neither panics nor spins: what was
+// queued goes out, and Close returns.
+func TestClosedOutgoingSendsQueued(t *testing.T) {
+	a, b := tcpPair(t)
+	sender, receiver := streamsOn(t, a, b, 16)
+	sender.Outgoing <- packet.New(1, []byte("last"))
+	close(sender.Outgoing)
+	assert.Equal(t, "last", string(receive(t, receiver).Data))
+	assert.NoError(t, sender.Close())
+}
+
+// One packet sent to many streams at once, as a server broadcasts, reaches
+// every peer intact; the race detector watches that no stream writes to it.
+func TestBroadcastOnePacketToManyStreams(t *testing.T) {
+	const streams = 50
+	ln := listen(t)
+	senders, receivers := make([]*packet.Stream, streams), make([]*packet.Stream, streams)
+	for i := range streams {
+		a, b := dialAccept(t, ln)
+		senders[i], receivers[i] = streamsOn(t, a, b, 4)
+	}
+	msg := packet.New(7, bytes.Repeat([]byte("broadcast "), 3000)) // 30 KB: written in place
+	small := packet.New(8, []byte("hi"))
+	for _, s := range senders {
+		s.Outgoing <- msg
+		s.Outgoing <- small
+	}
+	for i, r := range receivers {
+		got := receive(t, r)
+		assert.Equal(t, msg.Type, got.Type, "stream %d", i)
+		assert.Equal(t, msg.Data, got.Data, "stream %d", i)
+		assert.Equal(t, "hi", string(receive(t, r).Data), "stream %d", i)
+	}
 }
 
 // ---- Hot swap ----
@@ -1953,33 +2176,138 @@ func TestUnknownControlFrame(t *testing.T) {
 	assert.True(t, errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed), "dropped: %v", err)
 }
 
+// dialLog records when a KeepConnected dial function was called.
+type dialLog struct {
+	mu    sync.Mutex
+	times []time.Time
+}
+
+// dialer returns a dial function that records each call and dials addr.
+func (l *dialLog) dialer(addr string) func() (net.Conn, error) {
+	return func() (net.Conn, error) {
+		l.mu.Lock()
+		l.times = append(l.times, time.Now())
+		l.mu.Unlock()
+		return net.Dial("tcp", addr)
+	}
+}
+
+// calls returns how many dials were made.
+func (l *dialLog) calls() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.times)
+}
+
+// gaps returns the time between each dial and the one before it.
+func (l *dialLog) gaps() []time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var gaps []time.Duration
+	for i := 1; i < len(l.times); i++ {
+		gaps = append(gaps, l.times[i].Sub(l.times[i-1]))
+	}
+	return gaps
+}
+
+// waitFor polls cond until it holds, failing the test after 10 seconds.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			require.FailNow(t, "timed out waiting", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 // KeepConnected reconnects after a failure, and backs off when connections
 // fail as soon as they are made, as to a server that accepts and drops.
 func TestKeepConnectedBacksOff(t *testing.T) {
 	ln := listen(t)
-	var accepted atomic.Int32
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			accepted.Add(1)
 			c.Close()
 		}
 	}()
+	var log dialLog
 	s := newStream(t, 16)
-	s.KeepConnected(func() (net.Conn, error) { return net.Dial("tcp", ln.Addr().String()) }, 100*time.Millisecond)
-	deadline := time.Now().Add(10 * time.Second)
-	for accepted.Load() < 3 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
-	require.GreaterOrEqual(t, accepted.Load(), int32(3), "it reconnects after each failure")
-	time.Sleep(time.Second)
-	// With waits of 25-50, 50-100 and then 50-100 ms, one second allows
-	// about 15 connections; without backing off it made thousands.
-	assert.Less(t, accepted.Load(), int32(40))
+	s.KeepConnected(log.dialer(ln.Addr().String()), 100*time.Millisecond)
+	waitFor(t, "six dials", func() bool { return log.calls() >= 6 })
 	require.NoError(t, s.Close())
+	// The first dial is at once; after a connection that failed soon the
+	// wait is drawn from 25-50 ms, then from 50-100 ms (maxWait).
+	for i, gap := range log.gaps() {
+		least := 50 * time.Millisecond
+		if i == 0 {
+			least = 25 * time.Millisecond
+		}
+		assert.GreaterOrEqual(t, gap, least, "wait before dial %d", i+2)
+	}
+}
+
+// A maxWait of 0 does not make KeepConnected spin: it waits at least the
+// lower half of its 50 ms first wait between dials, and reports every
+// failed dial with the dial's error and no connection.
+func TestKeepConnectedZeroMaxWaitReportsEveryDial(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	refused := ln.Addr().String()
+	ln.Close()
+	var log dialLog
+	s := newStream(t, 16)
+	errs := collectErrors(s)
+	s.KeepConnected(log.dialer(refused), 0)
+	for i := range 5 {
+		e := receiveError(t, errs)
+		assert.ErrorIs(t, e.Error, syscall.ECONNREFUSED, "report %d", i)
+		assert.Nil(t, e.Connection, "report %d", i)
+	}
+	require.NoError(t, s.Close())
+	assert.LessOrEqual(t, log.calls(), 5+len(errs)+1, "one report per dial")
+	for i, gap := range log.gaps() {
+		assert.GreaterOrEqual(t, gap, 25*time.Millisecond, "wait before dial %d", i+2)
+	}
+}
+
+// Calling KeepConnected twice makes one connection, not two, and the second
+// call's dial function is the one used from then on.
+func TestKeepConnectedTwiceOneLoop(t *testing.T) {
+	ln := listen(t)
+	accepted := make(chan net.Conn, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	var first, second dialLog
+	s := newStream(t, 16)
+	errs := collectErrors(s)
+	s.KeepConnected(first.dialer(ln.Addr().String()), time.Minute)
+	s.KeepConnected(second.dialer(ln.Addr().String()), time.Minute)
+	server := <-accepted
+	server.Close() // the next connection is dialed with the second function
+	receiveError(t, errs)
+	next := <-accepted
+	defer next.Close()
+	waitFor(t, "the second dial", func() bool { return first.calls()+second.calls() == 2 })
+	s.Outgoing <- packet.New(1, []byte("on the second"))
+	p, err := packet.NewDecoder(next).Decode()
+	require.NoError(t, err)
+	assert.Equal(t, "on the second", string(p.Data))
+	require.NoError(t, s.Close())
+	assert.Equal(t, 2, first.calls()+second.calls(), "dials")
+	assert.LessOrEqual(t, first.calls(), 1, "the replaced function dials at most at start")
+	assert.Empty(t, accepted, "connections beyond two")
 }
 
 // ---- Resumable sessions ----
