@@ -161,38 +161,6 @@ const (
 	dueAck
 )
 
-// writer is what only the writer goroutine touches: the packets taken from
-// Outgoing and not yet completely written, and its batch.
-type writer struct {
-	s       *Stream
-	in      <-chan *Packet // Outgoing; nil once the caller closed it
-	pending []*Packet
-	batch   batch
-	block   *[]byte     // from blockPool while the writer is busy
-	timer   *time.Timer // write timeout, made on first use
-	writing atomic.Pointer[conn]
-	closing bool // finish has started
-	refused int  // packets over the limit met by finish, which cannot report them
-
-	// sess is set on a resumable stream, whose replay buffer the writer
-	// keeps there.
-	sess *session
-}
-
-// reader is one connection's reader.
-type reader struct {
-	s    *Stream
-	c    *conn
-	sess *session // nil unless resumable
-	// toAck counts the bytes read since the last acknowledgement was asked
-	// for.
-	toAck int
-	// diverted is set once c has ended while a packet waited for Incoming:
-	// from then on what c still yields goes to the stream's backlog, for the
-	// next connection's reader to deliver.
-	diverted bool
-}
-
 const (
 	// DefaultCloseTimeout is how long Close waits to send what is queued
 	// unless SetCloseTimeout says otherwise.
@@ -228,6 +196,8 @@ var blockPool = sync.Pool{New: func() any { b := make([]byte, blockSize); return
 
 // noReader stands for the reader before the first: it has exited.
 var noReader = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// ---- The stream ----
 
 // NewStream returns a stream without a connection whose Incoming and
 // Outgoing channels hold channelBufferSize packets each. It panics if
@@ -430,7 +400,146 @@ func (s *Stream) Close() error {
 	return s.unsent
 }
 
+// ---- Connection lifecycle ----
+
+// end ends c's life in the stream; the first call wins. A non-nil err is a
+// failure and is reported, unless the stream is closing; a nil err is the
+// stream's own doing (a swap, Close) and is not.
+func (s *Stream) end(c *conn, err error) {
+	s.mu.Lock()
+	ended := s.endLocked(c, err)
+	s.mu.Unlock()
+	if ended {
+		s.closeConn(c)
+	}
+}
+
+// endLocked is end for a caller that holds s.mu; it returns whether this
+// call ended c, and then the caller must call closeConn after unlocking.
+func (s *Stream) endLocked(c *conn, err error) bool {
+	if c.ended.Swap(true) {
+		return false
+	}
+	close(c.done)
+	if s.conn == c {
+		s.conn = nil
+	}
+	if c.keepAlive != nil {
+		c.keepAlive.Stop()
+	}
+	if err != nil && err != errSessionOver {
+		s.reportLocked(IOError{Connection: c.Conn, Error: err})
+		s.redialLocked()
+	}
+	if s.session != nil && s.conn == nil {
+		s.session.down()
+	}
+	return true
+}
+
+// closeConn closes an ended connection and tells the writer.
+func (s *Stream) closeConn(c *conn) {
+	c.Close()
+	s.wakeWriter()
+}
+
+// report tells the callbacks of an error that leaves c in use.
+func (s *Stream) report(c *conn, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !c.ended.Load() {
+		s.reportLocked(IOError{Connection: c.Conn, Error: err})
+	}
+}
+
+// reportLocked queues a report for the callbacks and starts a goroutine to
+// run them if none runs. Nothing is reported once Close has started.
+func (s *Stream) reportLocked(e IOError) {
+	if s.isClosing || len(s.handlers) == 0 {
+		return
+	}
+	s.reports = append(s.reports, e)
+	if !s.dispatching {
+		s.dispatching = true
+		go s.dispatch()
+	}
+}
+
+// dispatch runs the callbacks for each queued report, in order, outside the
+// lock, until none is left or the stream closes.
+func (s *Stream) dispatch() {
+	s.mu.Lock()
+	for len(s.reports) > 0 && !s.isClosing {
+		e, handlers := s.reports[0], s.handlers
+		s.reports = s.reports[1:]
+		s.mu.Unlock()
+		for _, h := range handlers {
+			h(e)
+		}
+		s.mu.Lock()
+	}
+	s.reports = nil
+	s.dispatching = false
+	s.mu.Unlock()
+}
+
+// liveConn returns the live connection, or nil.
+func (s *Stream) liveConn() *conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conn
+}
+
+// closingNow tells whether Close has started.
+func (s *Stream) closingNow() bool {
+	select {
+	case <-s.closing:
+		return true
+	default:
+		return false
+	}
+}
+
+// wakeWriter makes the writer look at the stream's state again.
+func (s *Stream) wakeWriter() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// isDatagram tells whether conn keeps message boundaries.
+func isDatagram(conn net.Conn) bool {
+	addr := conn.LocalAddr()
+	if addr == nil {
+		return false
+	}
+	switch addr.Network() {
+	case "udp", "udp4", "udp6", "unixgram":
+		return true
+	}
+	return false
+}
+
 // ---- The writer ----
+
+// writer is what only the writer goroutine touches: the packets taken from
+// Outgoing and not yet completely written, and its batch.
+type writer struct {
+	s       *Stream
+	in      <-chan *Packet // Outgoing; nil once the caller closed it
+	pending []*Packet
+	batch   batch
+	block   *[]byte     // from blockPool while the writer is busy
+	timer   *time.Timer // write timeout, made on first use
+	writing atomic.Pointer[conn]
+	closing bool // finish has started
+	refused int  // packets over the limit met by finish, which cannot report them
+
+	// sess is set on a resumable stream, whose replay buffer the writer
+	// keeps there.
+	sess *session
+}
 
 // writeLoop is the stream's one writer. It serves one connection at a time
 // and waits while there is none; when the stream closes, it flushes.
@@ -513,86 +622,6 @@ func (w *writer) idle() {
 		blockPool.Put(w.block)
 		w.block = nil
 	}
-}
-
-// finish is the writer's last act: it sends what is queued on the live
-// connection, if any, until Close's timer ends it, ends it, and returns an
-// error counting what it could not send. Close has started, so no
-// connection can be set any more: the one it reads is the last.
-func (w *writer) finish() error {
-	w.closing = true
-	c := w.s.liveConn()
-	var err error
-	if c != nil && c.ready() {
-		if w.sess == nil {
-			w.sess = w.s.session
-		}
-		if err = w.resume(c); err == nil {
-			err = w.flush(c)
-		}
-		w.s.end(c, nil)
-	} else if c != nil {
-		w.s.end(c, nil)
-	}
-	// Count what is left, and release senders blocked on a full Outgoing:
-	// each receive lets one of them through.
-	w.idle()
-	unsent := len(w.pending) + w.refused
-	if w.sess != nil {
-		w.trim() // a bye may have acknowledged the rest
-		unsent += len(w.sess.replay)
-	}
-	for {
-		select {
-		case _, ok := <-w.in:
-			if ok {
-				unsent++
-				continue
-			}
-			w.in = nil
-		default:
-		}
-		break
-	}
-	w.pending = nil
-	switch {
-	case unsent == 0:
-		return nil
-	case err != nil:
-		return fmt.Errorf("%w: %d: %w", ErrUnsent, unsent, err)
-	default:
-		return fmt.Errorf("%w: %d", ErrUnsent, unsent)
-	}
-}
-
-// flush sends what is queued on c until Close's timer ends c. On a
-// resumable stream it then waits for the peer to acknowledge everything and
-// ends the session with a bye.
-func (w *writer) flush(c *conn) error {
-	for !c.ended.Load() {
-		if err := w.trim(); err != nil {
-			return err
-		}
-		w.drain(c)
-		if len(w.pending) > 0 || c.due.Load() != 0 {
-			if err := w.send(c); err != nil {
-				return err
-			}
-			continue
-		}
-		if w.sess == nil {
-			return nil
-		}
-		if len(w.sess.replay) == 0 {
-			bye := appendControl(nil, frameBye, w.sess.received.Load())
-			w.startWrite(c)
-			_, err := c.Write(bye)
-			w.stopWrite()
-			return err
-		}
-		<-w.s.wake // an acknowledgement, or Close's timer
-	}
-	return nil
 }
 
 // take adds p, received from Outgoing with ok, to pending. A closed
@@ -815,7 +844,101 @@ func (w *writer) writeTimedOut() {
 	}
 }
 
+// finish is the writer's last act: it sends what is queued on the live
+// connection, if any, until Close's timer ends it, ends it, and returns an
+// error counting what it could not send. Close has started, so no
+// connection can be set any more: the one it reads is the last.
+func (w *writer) finish() error {
+	w.closing = true
+	c := w.s.liveConn()
+	var err error
+	if c != nil && c.ready() {
+		if w.sess == nil {
+			w.sess = w.s.session
+		}
+		if err = w.resume(c); err == nil {
+			err = w.flush(c)
+		}
+		w.s.end(c, nil)
+	} else if c != nil {
+		w.s.end(c, nil)
+	}
+	// Count what is left, and release senders blocked on a full Outgoing:
+	// each receive lets one of them through.
+	w.idle()
+	unsent := len(w.pending) + w.refused
+	if w.sess != nil {
+		w.trim() // a bye may have acknowledged the rest
+		unsent += len(w.sess.replay)
+	}
+	for {
+		select {
+		case _, ok := <-w.in:
+			if ok {
+				unsent++
+				continue
+			}
+			w.in = nil
+		default:
+		}
+		break
+	}
+	w.pending = nil
+	switch {
+	case unsent == 0:
+		return nil
+	case err != nil:
+		return fmt.Errorf("%w: %d: %w", ErrUnsent, unsent, err)
+	default:
+		return fmt.Errorf("%w: %d", ErrUnsent, unsent)
+	}
+}
+
+// flush sends what is queued on c until Close's timer ends c. On a
+// resumable stream it then waits for the peer to acknowledge everything and
+// ends the session with a bye.
+func (w *writer) flush(c *conn) error {
+	for !c.ended.Load() {
+		if err := w.trim(); err != nil {
+			return err
+		}
+		w.drain(c)
+		if len(w.pending) > 0 || c.due.Load() != 0 {
+			if err := w.send(c); err != nil {
+				return err
+			}
+			continue
+		}
+		if w.sess == nil {
+			return nil
+		}
+		if len(w.sess.replay) == 0 {
+			bye := appendControl(nil, frameBye, w.sess.received.Load())
+			w.startWrite(c)
+			_, err := c.Write(bye)
+			w.stopWrite()
+			return err
+		}
+		<-w.s.wake // an acknowledgement, or Close's timer
+	}
+	return nil
+}
+
 // ---- The reader ----
+
+// reader is one connection's reader.
+type reader struct {
+	s    *Stream
+	c    *conn
+	sess *session // nil unless resumable
+	// toAck counts the bytes read since the last acknowledgement was asked
+	// for.
+	toAck int
+	// diverted is set once c has ended while a packet waited for Incoming:
+	// from then on what c still yields goes to the stream's backlog, for the
+	// next connection's reader to deliver.
+	diverted bool
+}
 
 // readLoop is the reader of one connection. It waits for the previous
 // connection's reader to exit, so that packets are delivered in the order
@@ -989,88 +1112,85 @@ func (r *reader) deliverBacklog() bool {
 	return true
 }
 
-// ---- Connection lifecycle ----
-
-// end ends c's life in the stream; the first call wins. A non-nil err is a
-// failure and is reported, unless the stream is closing; a nil err is the
-// stream's own doing (a swap, Close) and is not.
-func (s *Stream) end(c *conn, err error) {
-	s.mu.Lock()
-	ended := s.endLocked(c, err)
-	s.mu.Unlock()
-	if ended {
-		s.closeConn(c)
-	}
+// connReader is a buffered reader over one connection. An idle connection is
+// read into a small array; a pooled block is taken only while data keeps
+// coming and is given back when it runs empty, so an idle stream holds little
+// memory. Every read notes that something arrived, for keep-alive.
+type connReader struct {
+	c     *conn
+	buf   []byte // unread bytes are buf[r:w]
+	r, w  int
+	err   error // from the last read, returned once buf is empty
+	full  bool  // the last read filled the small array, so more is likely waiting
+	block *[]byte
+	small [smallRead]byte
 }
 
-// endLocked is end for a caller that holds s.mu; it returns whether this
-// call ended c, and then the caller must call closeConn after unlocking.
-func (s *Stream) endLocked(c *conn, err error) bool {
-	if c.ended.Swap(true) {
-		return false
-	}
-	close(c.done)
-	if s.conn == c {
-		s.conn = nil
-	}
-	if c.keepAlive != nil {
-		c.keepAlive.Stop()
-	}
-	if err != nil && err != errSessionOver {
-		s.reportLocked(IOError{Connection: c.Conn, Error: err})
-		s.redialLocked()
-	}
-	if s.session != nil && s.conn == nil {
-		s.session.down()
-	}
-	return true
-}
-
-// closeConn closes an ended connection and tells the writer.
-func (s *Stream) closeConn(c *conn) {
-	c.Close()
-	s.wakeWriter()
-}
-
-// report tells the callbacks of an error that leaves c in use.
-func (s *Stream) report(c *conn, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !c.ended.Load() {
-		s.reportLocked(IOError{Connection: c.Conn, Error: err})
-	}
-}
-
-// reportLocked queues a report for the callbacks and starts a goroutine to
-// run them if none runs. Nothing is reported once Close has started.
-func (s *Stream) reportLocked(e IOError) {
-	if s.isClosing || len(s.handlers) == 0 {
-		return
-	}
-	s.reports = append(s.reports, e)
-	if !s.dispatching {
-		s.dispatching = true
-		go s.dispatch()
-	}
-}
-
-// dispatch runs the callbacks for each queued report, in order, outside the
-// lock, until none is left or the stream closes.
-func (s *Stream) dispatch() {
-	s.mu.Lock()
-	for len(s.reports) > 0 && !s.isClosing {
-		e, handlers := s.reports[0], s.handlers
-		s.reports = s.reports[1:]
-		s.mu.Unlock()
-		for _, h := range handlers {
-			h(e)
+// Read reads from the buffer, refilling it from the connection when empty.
+func (cr *connReader) Read(p []byte) (int, error) {
+	if cr.r == cr.w {
+		if cr.err != nil {
+			err := cr.err
+			cr.err = nil
+			return 0, err
 		}
-		s.mu.Lock()
+		if len(p) >= directRead {
+			// A large read goes straight to its destination: a buffer
+			// would only add a copy. What follows is a header, likely of
+			// another large payload: read it into the small array, so that
+			// little of that payload is copied through a buffer.
+			cr.full = false
+			n, err := cr.c.Read(p)
+			cr.c.arrived.Store(true)
+			return n, err
+		}
+		if err := cr.fill(); err != nil {
+			return 0, err
+		}
 	}
-	s.reports = nil
-	s.dispatching = false
-	s.mu.Unlock()
+	n := copy(p, cr.buf[cr.r:cr.w])
+	cr.r += n
+	return n, nil
 }
+
+// fill reads into the buffer: a pooled block while data keeps coming, else
+// the small array.
+func (cr *connReader) fill() error {
+	if cr.full {
+		if cr.block == nil {
+			cr.block = blockPool.Get().(*[]byte)
+		}
+		cr.buf = *cr.block
+	} else {
+		cr.release()
+		cr.buf = cr.small[:]
+	}
+	n, err := cr.c.Read(cr.buf)
+	cr.c.arrived.Store(true)
+	cr.r, cr.w = 0, n
+	cr.full = n >= smallRead
+	if n == 0 {
+		return err
+	}
+	cr.err = err
+	return nil
+}
+
+// empty tells whether everything read has been consumed.
+func (cr *connReader) empty() bool {
+	return cr.r == cr.w
+}
+
+// release gives the pooled block back. The reader must not be using it:
+// decoded payloads are copies, so nothing refers to it afterwards.
+func (cr *connReader) release() {
+	if cr.block != nil {
+		blockPool.Put(cr.block)
+		cr.block = nil
+	}
+}
+
+// ---- Keep-alive and the reconnect loop ----
 
 // startKeepAlive starts or stops c's keep-alive timer to match the stream's
 // setting. The caller holds s.mu.
@@ -1119,45 +1239,114 @@ func (s *Stream) keepAliveTick(c *conn) {
 	}
 }
 
-// liveConn returns the live connection, or nil.
-func (s *Stream) liveConn() *conn {
+// KeepConnected keeps the stream connected while it is open: it dials at
+// once if the stream has no connection, and again whenever a connection
+// fails, then hands the new connection to SetConnection. Every failed dial
+// is reported to the OnError callbacks, with a nil Connection and an error
+// wrapping the dial's. It backs off while dials fail, and also while
+// connections fail soon after they were made (a server that accepts and
+// drops, a proxy whose backend is down): the wait starts at 50 ms and
+// doubles up to maxWait (at least 50 ms), each wait drawn at random from its
+// upper half so that the clients of a server that restarts do not all come
+// back at once. A connection that lasted maxWait resets the wait.
+//
+// The dialing runs on a goroutine of its own that exists only while the
+// stream has no connection, never on the callbacks' goroutine. A report that
+// leaves the connection up (an oversized packet, ErrSessionLost) does not
+// make it dial. Calling KeepConnected again replaces dial and maxWait. It
+// panics if dial is nil.
+func (s *Stream) KeepConnected(dial func() (net.Conn, error), maxWait time.Duration) {
+	if dial == nil {
+		panic(errors.New("packet: KeepConnected(nil, ...): nil dial function"))
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.conn
+	if s.redial == nil {
+		s.redial = &redialer{wait: minRedialWait}
+	}
+	s.redial.dial, s.redial.maxWait = dial, max(maxWait, minRedialWait)
+	s.redialLocked()
 }
 
-// closingNow tells whether Close has started.
-func (s *Stream) closingNow() bool {
+// minRedialWait is KeepConnected's first wait between failures.
+const minRedialWait = 50 * time.Millisecond
+
+// redialer is KeepConnected's state, guarded by Stream.mu.
+type redialer struct {
+	dial      func() (net.Conn, error)
+	maxWait   time.Duration
+	wait      time.Duration // before the next dial, after a failure
+	connected time.Time     // when the last connection was set
+	running   bool          // redialLoop runs
+}
+
+// redialLocked starts the reconnect loop if the stream keeps connected, has
+// no connection and no loop runs. The caller holds s.mu.
+func (s *Stream) redialLocked() {
+	r := s.redial
+	if r == nil || r.running || s.conn != nil || s.isClosing {
+		return
+	}
+	r.running = true
+	go s.redialLoop(r)
+}
+
+// redialLoop dials until the stream has a connection or closes.
+func (s *Stream) redialLoop(r *redialer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// The first dial is at once, and so is the first after a connection
+	// that lasted; after one that failed soon, back off as after a failed
+	// dial.
+	pause := false
+	if !r.connected.IsZero() {
+		if time.Since(r.connected) >= r.maxWait {
+			r.wait = minRedialWait
+		} else {
+			pause = true
+		}
+	}
+	for s.conn == nil && !s.isClosing {
+		if pause {
+			wait := r.wait/2 + mrand.N(r.wait/2+1)
+			r.wait = min(2*r.wait, r.maxWait)
+			s.mu.Unlock()
+			ok := s.sleep(wait)
+			s.mu.Lock()
+			if !ok {
+				break
+			}
+		}
+		pause = true
+		dial := r.dial
+		s.mu.Unlock()
+		nc, err := dial()
+		s.mu.Lock()
+		if err != nil {
+			s.reportLocked(IOError{Error: fmt.Errorf("packet: dial: %w", err)})
+			continue
+		}
+		r.connected = time.Now()
+		s.mu.Unlock()
+		s.SetConnection(nc)
+		s.mu.Lock()
+	}
+	r.running = false
+}
+
+// sleep waits for d; it returns false if the stream closed meanwhile.
+func (s *Stream) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
 	select {
+	case <-t.C:
+		return true
 	case <-s.closing:
-		return true
-	default:
 		return false
 	}
 }
 
-// wakeWriter makes the writer look at the stream's state again.
-func (s *Stream) wakeWriter() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
-	}
-}
-
-// isDatagram tells whether conn keeps message boundaries.
-func isDatagram(conn net.Conn) bool {
-	addr := conn.LocalAddr()
-	if addr == nil {
-		return false
-	}
-	switch addr.Network() {
-	case "udp", "udp4", "udp6", "unixgram":
-		return true
-	}
-	return false
-}
-
-// ---- Resumable sessions ----
+// ---- Sessions: the accepting side ----
 
 const (
 	// DefaultReplayLimit is how many bytes of packets a resumable stream
@@ -1180,40 +1369,6 @@ const (
 	ackBytes = 32 << 10
 	ackDelay = 10 * time.Millisecond
 )
-
-// session is a resumable stream's state beyond one connection. Packets are
-// numbered implicitly, from 0, in the order they are sent; each side counts
-// what it read, tells the peer in acknowledgements, and on a new connection
-// the handshake says where to resume.
-type session struct {
-	s           *Stream
-	owner       *Sessions     // the accepting side's registry; nil on the dialing side
-	expireAfter time.Duration // on the accepting side
-
-	received  atomic.Uint64 // packets read in this session; written by the reader
-	sent      atomic.Uint64 // packets numbered so far; written by the writer
-	peerAcked atomic.Uint64 // the most packets the peer said it has read
-	ackArmed  atomic.Bool   // ackTimer runs
-	ackTimer  *time.Timer   // made by the first reader that needs it
-
-	// Guarded by Stream.mu.
-	token  [tokenSize]byte // zero until the accepting side issued one
-	expiry *time.Timer
-
-	// The writer's alone: the packets written but not yet acknowledged,
-	// numbered from acked, and the bytes they and pending hold.
-	replay []*Packet
-	acked  uint64
-	held   int
-}
-
-// handshake is a resumable connection's state before packets flow.
-type handshake struct {
-	resumeFrom uint64      // how many of our packets the peer has read
-	fresh      bool        // a new session replaced a lost one
-	isReady    atomic.Bool // set once the fields above are final
-	resumed    bool        // the writer has acted on it
-}
 
 // Sessions is the accepting side of resumable streams: it gives each client
 // a stream that lives across the client's connections. Accept is safe to
@@ -1375,6 +1530,42 @@ func (ss *Sessions) create() (*Stream, error) {
 	return s, nil
 }
 
+// ---- Resume: the handshake, acknowledgements and replay ----
+
+// session is a resumable stream's state beyond one connection. Packets are
+// numbered implicitly, from 0, in the order they are sent; each side counts
+// what it read, tells the peer in acknowledgements, and on a new connection
+// the handshake says where to resume.
+type session struct {
+	s           *Stream
+	owner       *Sessions     // the accepting side's registry; nil on the dialing side
+	expireAfter time.Duration // on the accepting side
+
+	received  atomic.Uint64 // packets read in this session; written by the reader
+	sent      atomic.Uint64 // packets numbered so far; written by the writer
+	peerAcked atomic.Uint64 // the most packets the peer said it has read
+	ackArmed  atomic.Bool   // ackTimer runs
+	ackTimer  *time.Timer   // made by the first reader that needs it
+
+	// Guarded by Stream.mu.
+	token  [tokenSize]byte // zero until the accepting side issued one
+	expiry *time.Timer
+
+	// The writer's alone: the packets written but not yet acknowledged,
+	// numbered from acked, and the bytes they and pending hold.
+	replay []*Packet
+	acked  uint64
+	held   int
+}
+
+// handshake is a resumable connection's state before packets flow.
+type handshake struct {
+	resumeFrom uint64      // how many of our packets the peer has read
+	fresh      bool        // a new session replaced a lost one
+	isReady    atomic.Bool // set once the fields above are final
+	resumed    bool        // the writer has acted on it
+}
+
 // EnableResume makes the stream resumable, on the dialing side: each
 // connection starts with a handshake with Sessions.Accept, and every packet
 // is delivered to the peer exactly once and in order, across any number of
@@ -1403,113 +1594,6 @@ func (s *Stream) SetReplayLimit(n int) {
 		panic(fmt.Errorf("packet: SetReplayLimit(%d): negative size", n))
 	}
 	s.replayLimit.Store(int64(n))
-}
-
-// KeepConnected keeps the stream connected while it is open: it dials at
-// once if the stream has no connection, and again whenever a connection
-// fails, then hands the new connection to SetConnection. Every failed dial
-// is reported to the OnError callbacks, with a nil Connection and an error
-// wrapping the dial's. It backs off while dials fail, and also while
-// connections fail soon after they were made (a server that accepts and
-// drops, a proxy whose backend is down): the wait starts at 50 ms and
-// doubles up to maxWait (at least 50 ms), each wait drawn at random from its
-// upper half so that the clients of a server that restarts do not all come
-// back at once. A connection that lasted maxWait resets the wait.
-//
-// The dialing runs on a goroutine of its own that exists only while the
-// stream has no connection, never on the callbacks' goroutine. A report that
-// leaves the connection up (an oversized packet, ErrSessionLost) does not
-// make it dial. Calling KeepConnected again replaces dial and maxWait. It
-// panics if dial is nil.
-func (s *Stream) KeepConnected(dial func() (net.Conn, error), maxWait time.Duration) {
-	if dial == nil {
-		panic(errors.New("packet: KeepConnected(nil, ...): nil dial function"))
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.redial == nil {
-		s.redial = &redialer{wait: minRedialWait}
-	}
-	s.redial.dial, s.redial.maxWait = dial, max(maxWait, minRedialWait)
-	s.redialLocked()
-}
-
-// minRedialWait is KeepConnected's first wait between failures.
-const minRedialWait = 50 * time.Millisecond
-
-// redialer is KeepConnected's state, guarded by Stream.mu.
-type redialer struct {
-	dial      func() (net.Conn, error)
-	maxWait   time.Duration
-	wait      time.Duration // before the next dial, after a failure
-	connected time.Time     // when the last connection was set
-	running   bool          // redialLoop runs
-}
-
-// redialLocked starts the reconnect loop if the stream keeps connected, has
-// no connection and no loop runs. The caller holds s.mu.
-func (s *Stream) redialLocked() {
-	r := s.redial
-	if r == nil || r.running || s.conn != nil || s.isClosing {
-		return
-	}
-	r.running = true
-	go s.redialLoop(r)
-}
-
-// redialLoop dials until the stream has a connection or closes.
-func (s *Stream) redialLoop(r *redialer) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	// The first dial is at once, and so is the first after a connection
-	// that lasted; after one that failed soon, back off as after a failed
-	// dial.
-	pause := false
-	if !r.connected.IsZero() {
-		if time.Since(r.connected) >= r.maxWait {
-			r.wait = minRedialWait
-		} else {
-			pause = true
-		}
-	}
-	for s.conn == nil && !s.isClosing {
-		if pause {
-			wait := r.wait/2 + mrand.N(r.wait/2+1)
-			r.wait = min(2*r.wait, r.maxWait)
-			s.mu.Unlock()
-			ok := s.sleep(wait)
-			s.mu.Lock()
-			if !ok {
-				break
-			}
-		}
-		pause = true
-		dial := r.dial
-		s.mu.Unlock()
-		nc, err := dial()
-		s.mu.Lock()
-		if err != nil {
-			s.reportLocked(IOError{Error: fmt.Errorf("packet: dial: %w", err)})
-			continue
-		}
-		r.connected = time.Now()
-		s.mu.Unlock()
-		s.SetConnection(nc)
-		s.mu.Lock()
-	}
-	r.running = false
-}
-
-// sleep waits for d; it returns false if the stream closed meanwhile.
-func (s *Stream) sleep(d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-s.closing:
-		return false
-	}
 }
 
 // ready tells whether c's handshake, if it has one, is done.
@@ -1732,84 +1816,4 @@ func (w *writer) drop(n int) {
 	clear(w.sess.replay[rest:])
 	w.sess.replay = w.sess.replay[:rest]
 	w.sess.acked += uint64(n)
-}
-
-// ---- connReader ----
-
-// connReader is a buffered reader over one connection. An idle connection is
-// read into a small array; a pooled block is taken only while data keeps
-// coming and is given back when it runs empty, so an idle stream holds little
-// memory. Every read notes that something arrived, for keep-alive.
-type connReader struct {
-	c     *conn
-	buf   []byte // unread bytes are buf[r:w]
-	r, w  int
-	err   error // from the last read, returned once buf is empty
-	full  bool  // the last read filled the small array, so more is likely waiting
-	block *[]byte
-	small [smallRead]byte
-}
-
-// Read reads from the buffer, refilling it from the connection when empty.
-func (cr *connReader) Read(p []byte) (int, error) {
-	if cr.r == cr.w {
-		if cr.err != nil {
-			err := cr.err
-			cr.err = nil
-			return 0, err
-		}
-		if len(p) >= directRead {
-			// A large read goes straight to its destination: a buffer
-			// would only add a copy. What follows is a header, likely of
-			// another large payload: read it into the small array, so that
-			// little of that payload is copied through a buffer.
-			cr.full = false
-			n, err := cr.c.Read(p)
-			cr.c.arrived.Store(true)
-			return n, err
-		}
-		if err := cr.fill(); err != nil {
-			return 0, err
-		}
-	}
-	n := copy(p, cr.buf[cr.r:cr.w])
-	cr.r += n
-	return n, nil
-}
-
-// fill reads into the buffer: a pooled block while data keeps coming, else
-// the small array.
-func (cr *connReader) fill() error {
-	if cr.full {
-		if cr.block == nil {
-			cr.block = blockPool.Get().(*[]byte)
-		}
-		cr.buf = *cr.block
-	} else {
-		cr.release()
-		cr.buf = cr.small[:]
-	}
-	n, err := cr.c.Read(cr.buf)
-	cr.c.arrived.Store(true)
-	cr.r, cr.w = 0, n
-	cr.full = n >= smallRead
-	if n == 0 {
-		return err
-	}
-	cr.err = err
-	return nil
-}
-
-// empty tells whether everything read has been consumed.
-func (cr *connReader) empty() bool {
-	return cr.r == cr.w
-}
-
-// release gives the pooled block back. The reader must not be using it:
-// decoded payloads are copies, so nothing refers to it afterwards.
-func (cr *connReader) release() {
-	if cr.block != nil {
-		blockPool.Put(cr.block)
-		cr.block = nil
-	}
 }
