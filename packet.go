@@ -111,9 +111,6 @@ var (
 	// had packets to send.
 	ErrSessionEnded = errors.New("packet: session ended by the peer")
 
-	// errSessionOver ends a connection whose peer said bye; it is not a
-	// failure and is not reported.
-	errSessionOver = errors.New("packet: session over")
 )
 
 const (

@@ -95,10 +95,11 @@ type Stream struct {
 	// was queued and takes nothing more.
 	Outgoing chan<- *Packet
 
-	incoming chan *Packet
-	outgoing chan *Packet
-	wake     chan struct{} // capacity 1: the writer has something to look at
-	closing  chan struct{} // closed when Close starts
+	incoming  chan *Packet
+	outgoing  chan *Packet
+	callbacks callbacks
+	wake      chan struct{} // capacity 1: the writer has something to look at
+	closing   chan struct{} // closed when Close starts
 
 	writerDone chan struct{} // closed when the writer exits
 	unsent     error         // what the writer could not send; set before writerDone closes
@@ -119,10 +120,6 @@ type Stream struct {
 	last         net.Conn      // the connection most recently given
 	lastReader   chan struct{} // closed when the newest reader exits; each waits for the one before
 	backlog      []*Packet     // read on ended connections, not yet delivered
-	handlers     []func(IOError)
-	reports      []IOError // waiting for the callbacks
-	dispatching  bool      // a goroutine is running the callbacks
-	isClosing    bool
 	closeTimeout time.Duration
 	pingEvery    time.Duration
 	silenceLimit time.Duration
@@ -151,7 +148,7 @@ type conn struct {
 	silent    time.Duration // how long nothing has arrived, in whole ticks
 
 	// Set on a resumable stream's connections only.
-	hs *handshake
+	resume *resumePoint
 }
 
 // Bits of conn.due.
@@ -222,10 +219,10 @@ func NewStream(channelBufferSize int) *Stream {
 	return s
 }
 
-// SetConnection makes conn the stream's connection, ending and closing the
-// previous one without a report. Queued packets go out on conn first. After
-// Close, SetConnection closes conn and does nothing else. It panics if conn
-// is nil: a failed dial is not a connection.
+// SetConnection makes nc the stream's connection, ending and closing the
+// previous one without a report. Queued packets go out on nc first. After
+// Close, SetConnection closes nc and does nothing else. It panics if nc is
+// nil: a failed dial is not a connection.
 func (s *Stream) SetConnection(nc net.Conn) {
 	if nc == nil {
 		panic(errors.New("packet: SetConnection(nil): nil connection"))
@@ -235,9 +232,9 @@ func (s *Stream) SetConnection(nc net.Conn) {
 
 // setConnection is SetConnection with the handshake state of a connection
 // that Sessions.Accept has begun; nil otherwise.
-func (s *Stream) setConnection(nc net.Conn, hs *handshake) {
+func (s *Stream) setConnection(nc net.Conn, rp *resumePoint) {
 	s.mu.Lock()
-	if s.isClosing {
+	if s.closeStarted() {
 		s.mu.Unlock()
 		nc.Close()
 		return
@@ -252,9 +249,9 @@ func (s *Stream) setConnection(nc net.Conn, hs *handshake) {
 	}
 	c := &conn{Conn: nc, datagram: isDatagram(nc), done: make(chan struct{})}
 	if s.session != nil {
-		c.hs = hs
-		if hs == nil {
-			c.hs = &handshake{}
+		c.resume = rp
+		if rp == nil {
+			c.resume = &resumePoint{}
 		}
 		s.session.up()
 	}
@@ -286,9 +283,7 @@ func (s *Stream) OnError(callback func(IOError)) {
 	if callback == nil {
 		panic(errors.New("packet: OnError(nil): nil callback"))
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.handlers = append(s.handlers, callback)
+	s.callbacks.add(callback)
 }
 
 // SetMaxSize sets the largest payload the stream sends or accepts,
@@ -360,15 +355,15 @@ func (s *Stream) SetWriteTimeout(d time.Duration) {
 // stream's goroutines to stop and return nil.
 func (s *Stream) Close() error {
 	s.mu.Lock()
-	if s.isClosing {
+	if s.closeStarted() {
 		last := s.lastReader
 		s.mu.Unlock()
 		<-s.writerDone
 		<-last
 		return nil
 	}
-	s.isClosing = true
 	close(s.closing)
+	s.callbacks.stop()
 	timeout := s.closeTimeout
 	s.mu.Unlock()
 	s.wakeWriter()
@@ -427,8 +422,8 @@ func (s *Stream) endLocked(c *conn, err error) bool {
 	if c.keepAlive != nil {
 		c.keepAlive.Stop()
 	}
-	if err != nil && err != errSessionOver {
-		s.reportLocked(IOError{Connection: c.Conn, Error: err})
+	if err != nil {
+		s.callbacks.report(IOError{Connection: c.Conn, Error: err})
 		s.redialLocked()
 	}
 	if s.session != nil && s.conn == nil {
@@ -448,39 +443,82 @@ func (s *Stream) report(c *conn, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !c.ended.Load() {
-		s.reportLocked(IOError{Connection: c.Conn, Error: err})
+		s.callbacks.report(IOError{Connection: c.Conn, Error: err})
 	}
 }
 
-// reportLocked queues a report for the callbacks and starts a goroutine to
-// run them if none runs. Nothing is reported once Close has started.
-func (s *Stream) reportLocked(e IOError) {
-	if s.isClosing || len(s.handlers) == 0 {
+// callbacks runs a stream's OnError callbacks: reports are queued and run
+// one at a time, in the order made, each through every callback in
+// registration order, on a goroutine that exists only while reports wait.
+// So callbacks never overlap, and never run under a lock of the stream's.
+// Its mu is taken after Stream.mu, never before.
+type callbacks struct {
+	mu       sync.Mutex
+	handlers []func(IOError)
+	queue    []IOError
+	running  bool // a goroutine runs the queue
+	stopped  bool // Close has started: only last queues
+}
+
+// add registers a callback.
+func (cb *callbacks) add(h func(IOError)) {
+	cb.mu.Lock()
+	defer cb.mu.Unlock()
+	cb.handlers = append(cb.handlers, h)
+}
+
+// report queues e, unless Close has started.
+func (cb *callbacks) report(e IOError) {
+	cb.mu.Lock()
+	defer cb.mu.Unlock()
+	if !cb.stopped {
+		cb.queueLocked(e)
+	}
+}
+
+// stop drops the reports waiting and refuses later ones; a callback
+// already running goes on.
+func (cb *callbacks) stop() {
+	cb.mu.Lock()
+	defer cb.mu.Unlock()
+	cb.stopped, cb.queue = true, nil
+}
+
+// last queues a report after stop: a stream that closed itself tells what
+// it could not send. It runs after any callback still running.
+func (cb *callbacks) last(e IOError) {
+	cb.mu.Lock()
+	defer cb.mu.Unlock()
+	cb.queueLocked(e)
+}
+
+// queueLocked queues e and starts the goroutine that runs the queue, if
+// none runs.
+func (cb *callbacks) queueLocked(e IOError) {
+	if len(cb.handlers) == 0 {
 		return
 	}
-	s.reports = append(s.reports, e)
-	if !s.dispatching {
-		s.dispatching = true
-		go s.dispatch()
+	cb.queue = append(cb.queue, e)
+	if !cb.running {
+		cb.running = true
+		go cb.run()
 	}
 }
 
-// dispatch runs the callbacks for each queued report, in order, outside the
-// lock, until none is left or the stream closes.
-func (s *Stream) dispatch() {
-	s.mu.Lock()
-	for len(s.reports) > 0 && !s.isClosing {
-		e, handlers := s.reports[0], s.handlers
-		s.reports = s.reports[1:]
-		s.mu.Unlock()
+// run runs the queued reports, outside the lock, until none is left.
+func (cb *callbacks) run() {
+	cb.mu.Lock()
+	defer cb.mu.Unlock()
+	for len(cb.queue) > 0 {
+		e, handlers := cb.queue[0], cb.handlers
+		cb.queue = cb.queue[1:]
+		cb.mu.Unlock()
 		for _, h := range handlers {
 			h(e)
 		}
-		s.mu.Lock()
+		cb.mu.Lock()
 	}
-	s.reports = nil
-	s.dispatching = false
-	s.mu.Unlock()
+	cb.queue, cb.running = nil, false
 }
 
 // liveConn returns the live connection, or nil.
@@ -490,8 +528,8 @@ func (s *Stream) liveConn() *conn {
 	return s.conn
 }
 
-// closingNow tells whether Close has started.
-func (s *Stream) closingNow() bool {
+// closeStarted tells whether Close has started.
+func (s *Stream) closeStarted() bool {
 	select {
 	case <-s.closing:
 		return true
@@ -508,9 +546,9 @@ func (s *Stream) wakeWriter() {
 	}
 }
 
-// isDatagram tells whether conn keeps message boundaries.
-func isDatagram(conn net.Conn) bool {
-	addr := conn.LocalAddr()
+// isDatagram tells whether nc keeps message boundaries.
+func isDatagram(nc net.Conn) bool {
+	addr := nc.LocalAddr()
 	if addr == nil {
 		return false
 	}
@@ -526,19 +564,22 @@ func isDatagram(conn net.Conn) bool {
 // writer is what only the writer goroutine touches: the packets taken from
 // Outgoing and not yet completely written, and its batch.
 type writer struct {
-	s       *Stream
-	in      <-chan *Packet // Outgoing; nil once the caller closed it
-	pending []*Packet
-	batch   batch
-	block   *[]byte     // from blockPool while the writer is busy
-	timer   *time.Timer // write timeout, made on first use
-	writing atomic.Pointer[conn]
-	closing bool // finish has started
-	refused int  // packets over the limit met by finish, which cannot report them
+	s         *Stream
+	in        <-chan *Packet // Outgoing; nil once the caller closed it
+	pending   []*Packet
+	batch     batch
+	block     *[]byte     // from blockPool while the writer is busy
+	timer     *time.Timer // write timeout, made on first use
+	refused   int         // packets refused by finish, which cannot report them
+	finishing bool        // finish has started
 
-	// sess is set on a resumable stream, whose replay buffer the writer
-	// keeps there.
-	sess *session
+	// replay is a resumable stream's replay buffer, nil on a plain stream:
+	// its methods then do nothing.
+	replay *replayBuffer
+
+	// writing is the connection a write is under way to, for the write
+	// timeout's timer, which reads it: the one field others touch.
+	writing atomic.Pointer[conn]
 }
 
 // writeLoop is the stream's one writer. It serves one connection at a time
@@ -547,20 +588,18 @@ func (s *Stream) writeLoop() {
 	defer close(s.writerDone)
 	w := &writer{s: s, in: s.outgoing}
 	for {
-		if s.closingNow() {
+		if s.closeStarted() {
 			s.unsent = w.finish()
 			return
 		}
 		c := s.liveConn()
-		if c == nil || !c.ready() {
+		if c == nil || !c.writable() {
 			w.idle()
 			<-s.wake // SetConnection, handshakes and Close wake it
 			continue
 		}
-		if w.sess == nil {
-			w.sess = s.session // set before the first connection
-		}
-		err := w.resume(c)
+		w.replay = s.session.replayBuffer() // set before the first connection
+		err := w.replay.resume(c, w)
 		if err == nil {
 			err = w.serve(c)
 		}
@@ -582,10 +621,10 @@ func (w *writer) serve(c *conn) error {
 				w.receive(c)
 			}
 		}
-		if c.ended.Load() || w.s.closingNow() {
+		if c.ended.Load() || w.s.closeStarted() {
 			return nil
 		}
-		if err := w.trim(); err != nil {
+		if err := w.replay.trim(); err != nil {
 			return err
 		}
 		w.drain(c)
@@ -642,9 +681,7 @@ func (w *writer) takeWithin(c *conn, p *Packet, limit int) bool {
 		return false
 	}
 	w.pending = append(w.pending, p)
-	if w.sess != nil {
-		w.sess.held += HeaderSize + len(p.Data)
-	}
+	w.replay.hold(p)
 	return true
 }
 
@@ -661,7 +698,7 @@ func (w *writer) sendLimit(c *conn) int {
 // counted as unsent once the stream is closing.
 func (w *writer) refuse(c *conn, p *Packet, limit int) {
 	switch {
-	case w.closing:
+	case w.finishing:
 		w.refused++
 	case p == nil:
 		w.s.report(c, fmt.Errorf("%w: skipped", ErrNilPacket))
@@ -671,10 +708,9 @@ func (w *writer) refuse(c *conn, p *Packet, limit int) {
 }
 
 // full tells whether a resumable stream holds as many unacknowledged bytes
-// as its replay limit allows: then it takes nothing more from Outgoing. A
-// packet larger than the limit is taken when nothing else is held.
+// as its replay limit allows: then it takes nothing more from Outgoing.
 func (w *writer) full() bool {
-	return w.sess != nil && w.sess.held > 0 && w.sess.held >= int(w.s.replayLimit.Load())
+	return w.replay.full(w.s.replayLimit.Load())
 }
 
 // drain adds to pending what waits in Outgoing, as long as the batch stays
@@ -735,18 +771,15 @@ func (w *writer) send(c *conn) error {
 		if due&duePong != 0 {
 			w.batch.buf = appendControl(w.batch.buf, framePong, 0)
 		}
-		if due&dueAck != 0 && w.sess != nil {
-			w.batch.buf = appendControl(w.batch.buf, frameAck, w.sess.received.Load())
+		if due&dueAck != 0 {
+			w.batch.buf = w.replay.appendAck(w.batch.buf)
 		}
 		control = len(w.batch.buf)
 	}
 	// Control frames are copied, like small payloads: the first payload
 	// referred to in place comes after them.
 	w.batch.start = control
-	if w.sess != nil {
-		// The peer cannot acknowledge more than this before the write.
-		w.sess.sent.Store(w.sess.acked + uint64(len(w.sess.replay)+len(w.pending)))
-	}
+	w.replay.writing(len(w.pending))
 	w.startWrite(c)
 	var done int
 	var err error
@@ -757,9 +790,7 @@ func (w *writer) send(c *conn) error {
 	}
 	w.stopWrite()
 	w.batch.buf = nil
-	if w.sess != nil {
-		w.sess.replay = append(w.sess.replay, w.pending[:done]...)
-	}
+	w.replay.keep(w.pending[:done])
 	rest := copy(w.pending, w.pending[done:])
 	clear(w.pending[rest:])
 	w.pending = w.pending[:rest]
@@ -849,28 +880,23 @@ func (w *writer) writeTimedOut() {
 // error counting what it could not send. Close has started, so no
 // connection can be set any more: the one it reads is the last.
 func (w *writer) finish() error {
-	w.closing = true
+	w.finishing = true
+	w.replay = w.s.session.replayBuffer()
 	c := w.s.liveConn()
 	var err error
-	if c != nil && c.ready() {
-		if w.sess == nil {
-			w.sess = w.s.session
-		}
-		if err = w.resume(c); err == nil {
+	if c != nil && c.writable() {
+		if err = w.replay.resume(c, w); err == nil {
 			err = w.flush(c)
 		}
-		w.s.end(c, nil)
-	} else if c != nil {
+	}
+	if c != nil {
 		w.s.end(c, nil)
 	}
 	// Count what is left, and release senders blocked on a full Outgoing:
 	// each receive lets one of them through.
 	w.idle()
-	unsent := len(w.pending) + w.refused
-	if w.sess != nil {
-		w.trim() // a bye may have acknowledged the rest
-		unsent += len(w.sess.replay)
-	}
+	w.replay.trim() // a bye may have acknowledged the rest
+	unsent := len(w.pending) + w.refused + w.replay.unacked()
 	for {
 		select {
 		case _, ok := <-w.in:
@@ -899,7 +925,7 @@ func (w *writer) finish() error {
 // ends the session with a bye.
 func (w *writer) flush(c *conn) error {
 	for !c.ended.Load() {
-		if err := w.trim(); err != nil {
+		if err := w.replay.trim(); err != nil {
 			return err
 		}
 		w.drain(c)
@@ -909,15 +935,8 @@ func (w *writer) flush(c *conn) error {
 			}
 			continue
 		}
-		if w.sess == nil {
-			return nil
-		}
-		if len(w.sess.replay) == 0 {
-			bye := appendControl(nil, frameBye, w.sess.received.Load())
-			w.startWrite(c)
-			_, err := c.Write(bye)
-			w.stopWrite()
-			return err
+		if w.replay.unacked() == 0 {
+			return w.bye(c)
 		}
 		<-w.s.wake // an acknowledgement, or Close's timer
 	}
@@ -938,6 +957,8 @@ type reader struct {
 	// from then on what c still yields goes to the stream's backlog, for the
 	// next connection's reader to deliver.
 	diverted bool
+	// bye is set when the peer ended the session: the reader stops.
+	bye bool
 }
 
 // readLoop is the reader of one connection. It waits for the previous
@@ -950,7 +971,7 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 	r := &reader{s: s, c: c, sess: s.session}
 	if c.datagram {
 		err := error(nil)
-		if c.hs != nil {
+		if c.resume != nil {
 			err = fmt.Errorf("%w: a resumable stream needs a byte stream, not %s", ErrHandshake, c.LocalAddr().Network())
 		} else if r.deliverBacklog() {
 			err = r.readDatagrams()
@@ -964,7 +985,7 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 	d.SetMaxSize(int(s.maxSize.Load()))
 	d.control = true
 	var err error
-	if c.hs != nil {
+	if c.resume != nil {
 		err = r.handshake(cr, d)
 	}
 	if err == nil && r.deliverBacklog() {
@@ -981,8 +1002,8 @@ func (r *reader) readStream(cr *connReader, d *Decoder) error {
 			return err
 		}
 		if p == nil {
-			if err := r.controlStream(d.frame); err != nil {
-				return err
+			if err := r.controlStream(d.frame); err != nil || r.bye {
+				return err // after a bye, nil: the end is no failure
 			}
 			continue
 		}
@@ -1018,7 +1039,7 @@ func (r *reader) readDatagrams() error {
 		if err := d.decodeDatagram(buf[:n], r.deliver, r.control); err != nil {
 			r.s.report(r.c, err)
 		}
-		if r.s.closingNow() {
+		if r.s.closeStarted() {
 			return nil
 		}
 	}
@@ -1052,8 +1073,9 @@ func (r *reader) controlStream(f controlFrame) error {
 		if f.arg <= r.sess.sent.Load() {
 			r.sess.acknowledged(f.arg)
 		}
+		r.bye = true
 		go r.s.endSession()
-		return errSessionOver
+		return nil
 	}
 	return fmt.Errorf("%w: control frame %d out of place", ErrHandshake, f.kind)
 }
@@ -1089,7 +1111,7 @@ func (r *reader) wait(p *Packet) bool {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.isClosing {
+	if s.closeStarted() {
 		return false
 	}
 	s.backlog = append(s.backlog, p)
@@ -1117,13 +1139,13 @@ func (r *reader) deliverBacklog() bool {
 // coming and is given back when it runs empty, so an idle stream holds little
 // memory. Every read notes that something arrived, for keep-alive.
 type connReader struct {
-	c     *conn
-	buf   []byte // unread bytes are buf[r:w]
-	r, w  int
-	err   error // from the last read, returned once buf is empty
-	full  bool  // the last read filled the small array, so more is likely waiting
-	block *[]byte
-	small [smallRead]byte
+	c         *conn
+	buf       []byte // unread bytes are buf[r:w]
+	r, w      int
+	err       error // from the last read, returned once buf is empty
+	streaming bool  // the last read filled the small array, so more is likely waiting
+	block     *[]byte
+	small     [smallRead]byte
 }
 
 // Read reads from the buffer, refilling it from the connection when empty.
@@ -1139,7 +1161,7 @@ func (cr *connReader) Read(p []byte) (int, error) {
 			// would only add a copy. What follows is a header, likely of
 			// another large payload: read it into the small array, so that
 			// little of that payload is copied through a buffer.
-			cr.full = false
+			cr.streaming = false
 			n, err := cr.c.Read(p)
 			cr.c.arrived.Store(true)
 			return n, err
@@ -1156,7 +1178,7 @@ func (cr *connReader) Read(p []byte) (int, error) {
 // fill reads into the buffer: a pooled block while data keeps coming, else
 // the small array.
 func (cr *connReader) fill() error {
-	if cr.full {
+	if cr.streaming {
 		if cr.block == nil {
 			cr.block = blockPool.Get().(*[]byte)
 		}
@@ -1168,7 +1190,7 @@ func (cr *connReader) fill() error {
 	n, err := cr.c.Read(cr.buf)
 	cr.c.arrived.Store(true)
 	cr.r, cr.w = 0, n
-	cr.full = n >= smallRead
+	cr.streaming = n >= smallRead
 	if n == 0 {
 		return err
 	}
@@ -1284,7 +1306,7 @@ type redialer struct {
 // no connection and no loop runs. The caller holds s.mu.
 func (s *Stream) redialLocked() {
 	r := s.redial
-	if r == nil || r.running || s.conn != nil || s.isClosing {
+	if r == nil || r.running || s.conn != nil || s.closeStarted() {
 		return
 	}
 	r.running = true
@@ -1306,7 +1328,7 @@ func (s *Stream) redialLoop(r *redialer) {
 			pause = true
 		}
 	}
-	for s.conn == nil && !s.isClosing {
+	for s.conn == nil && !s.closeStarted() {
 		if pause {
 			wait := r.wait/2 + mrand.N(r.wait/2+1)
 			r.wait = min(2*r.wait, r.maxWait)
@@ -1323,7 +1345,7 @@ func (s *Stream) redialLoop(r *redialer) {
 		nc, err := dial()
 		s.mu.Lock()
 		if err != nil {
-			s.reportLocked(IOError{Error: fmt.Errorf("packet: dial: %w", err)})
+			s.callbacks.report(IOError{Error: fmt.Errorf("packet: dial: %w", err)})
 			continue
 		}
 		r.connected = time.Now()
@@ -1415,19 +1437,19 @@ func (ss *Sessions) SetExpiry(d time.Duration) {
 	ss.expiry = d
 }
 
-// Accept reads a client's hello from conn and hands conn to the client's
+// Accept reads a client's hello from nc and hands nc to the client's
 // session. For a new session it returns a new stream and isNew; start a
 // handler for it, which reads Incoming until it closes. For a returning
 // client it returns the session's stream, which now uses conn, and the
 // handler already running goes on.
 //
 // A client that sends nothing, too little or something else than a hello
-// within the handshake timeout gets conn closed and an error wrapping
+// within the handshake timeout gets nc closed and an error wrapping
 // ErrHandshake. A hello for a session this registry does not know (it
 // expired, or the server restarted) is answered so that the client starts a
-// new session on the same connection. It panics if conn is nil.
-func (ss *Sessions) Accept(conn net.Conn) (stream *Stream, isNew bool, err error) {
-	if conn == nil {
+// new session on the same connection. It panics if nc is nil.
+func (ss *Sessions) Accept(nc net.Conn) (stream *Stream, isNew bool, err error) {
+	if nc == nil {
 		panic(errors.New("packet: Accept(nil): nil connection"))
 	}
 	ss.mu.Lock()
@@ -1436,19 +1458,19 @@ func (ss *Sessions) Accept(conn net.Conn) (stream *Stream, isNew bool, err error
 	switch {
 	case closed:
 		err = fmt.Errorf("packet: sessions closed: %w", net.ErrClosed)
-	case isDatagram(conn):
-		err = fmt.Errorf("%w: resumable sessions need a byte stream, not %s", ErrHandshake, conn.LocalAddr().Network())
+	case isDatagram(nc):
+		err = fmt.Errorf("%w: resumable sessions need a byte stream, not %s", ErrHandshake, nc.LocalAddr().Network())
 	default:
-		conn.SetDeadline(time.Now().Add(timeout))
+		nc.SetDeadline(time.Now().Add(timeout))
 		var from uint64
-		stream, isNew, from, err = ss.handshake(conn)
+		stream, isNew, from, err = ss.readHello(nc)
 		if err == nil {
-			conn.SetDeadline(time.Time{})
-			stream.setConnection(conn, &handshake{resumeFrom: from})
+			nc.SetDeadline(time.Time{})
+			stream.setConnection(nc, &resumePoint{peerRead: from})
 			return stream, isNew, nil
 		}
 	}
-	conn.Close()
+	nc.Close()
 	return nil, false, err
 }
 
@@ -1476,19 +1498,19 @@ func (ss *Sessions) Close() error {
 	return errors.Join(errs...)
 }
 
-// handshake reads the client's hello: a known session's stream, or a new
+// readHello reads the client's hello: a known session's stream, or a new
 // one. An unknown session is answered with a lost frame, after which the
 // client may send one more hello.
-func (ss *Sessions) handshake(conn net.Conn) (*Stream, bool, uint64, error) {
+func (ss *Sessions) readHello(nc net.Conn) (*Stream, bool, uint64, error) {
 	var buf [HeaderSize + tokenSize]byte
 	for range 2 {
-		if _, err := io.ReadFull(conn, buf[:HeaderSize]); err != nil {
+		if _, err := io.ReadFull(nc, buf[:HeaderSize]); err != nil {
 			return nil, false, 0, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
 		}
 		if !isControl(buf[:]) || buf[0] != frameHello {
 			return nil, false, 0, fmt.Errorf("%w: the first frame is not a hello", ErrHandshake)
 		}
-		if _, err := io.ReadFull(conn, buf[HeaderSize:]); err != nil {
+		if _, err := io.ReadFull(nc, buf[HeaderSize:]); err != nil {
 			return nil, false, 0, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
 		}
 		f, _ := parseControl(buf[:])
@@ -1504,7 +1526,7 @@ func (ss *Sessions) handshake(conn net.Conn) (*Stream, bool, uint64, error) {
 		if s != nil {
 			return s, false, f.arg, nil
 		}
-		if _, err := conn.Write(appendControl(nil, frameLost, 0)); err != nil {
+		if _, err := nc.Write(appendControl(nil, frameLost, 0)); err != nil {
 			return nil, false, 0, fmt.Errorf("%w: %w", ErrHandshake, err)
 		}
 	}
@@ -1514,7 +1536,7 @@ func (ss *Sessions) handshake(conn net.Conn) (*Stream, bool, uint64, error) {
 // create starts a new session with a fresh token.
 func (ss *Sessions) create() (*Stream, error) {
 	s := NewStream(ss.size)
-	sess := &session{s: s, owner: ss}
+	sess := newSession(s, ss)
 	rand.Read(sess.token[:])
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
@@ -1551,19 +1573,17 @@ type session struct {
 	token  [tokenSize]byte // zero until the accepting side issued one
 	expiry *time.Timer
 
-	// The writer's alone: the packets written but not yet acknowledged,
-	// numbered from acked, and the bytes they and pending hold.
-	replay []*Packet
-	acked  uint64
-	held   int
+	// The writer's alone.
+	replay replayBuffer
 }
 
-// handshake is a resumable connection's state before packets flow.
-type handshake struct {
-	resumeFrom uint64      // how many of our packets the peer has read
-	fresh      bool        // a new session replaced a lost one
-	isReady    atomic.Bool // set once the fields above are final
-	resumed    bool        // the writer has acted on it
+// resumePoint is where a resumable connection takes the session up: the
+// reader settles it in the handshake, then the writer acts on it.
+type resumePoint struct {
+	peerRead uint64      // how many of our packets the peer has read
+	fresh    bool        // a new session replaced a lost one
+	settled  atomic.Bool // set by the reader once the fields above are final
+	acted    bool        // the writer has acted on it
 }
 
 // EnableResume makes the stream resumable, on the dialing side: each
@@ -1580,7 +1600,7 @@ func (s *Stream) EnableResume() {
 		panic(errors.New("packet: EnableResume after SetConnection"))
 	}
 	if s.session == nil {
-		s.session = &session{s: s}
+		s.session = newSession(s, nil)
 	}
 }
 
@@ -1596,9 +1616,9 @@ func (s *Stream) SetReplayLimit(n int) {
 	s.replayLimit.Store(int64(n))
 }
 
-// ready tells whether c's handshake, if it has one, is done.
-func (c *conn) ready() bool {
-	return c.hs == nil || c.hs.isReady.Load()
+// writable tells whether c's handshake, if it has one, is done.
+func (c *conn) writable() bool {
+	return c.resume == nil || c.resume.settled.Load()
 }
 
 // handshake opens a resumable connection: the dialing side sends its hello
@@ -1617,7 +1637,7 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 		if _, err := c.Write(append(welcome, token[:]...)); err != nil {
 			return err
 		}
-		return r.ready(c.hs.resumeFrom)
+		return r.resumeAt(c.resume.peerRead)
 	}
 	for {
 		hello := appendControl(make([]byte, 0, HeaderSize+tokenSize), frameHello, sess.received.Load())
@@ -1640,7 +1660,7 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 			s.mu.Lock()
 			sess.token = issued
 			s.mu.Unlock()
-			return r.ready(f.arg)
+			return r.resumeAt(f.arg)
 		case p == nil && f.kind == frameLost && token != [tokenSize]byte{}:
 			// The server no longer knows the session: start a new one on
 			// this connection, and send everything not acknowledged again.
@@ -1651,19 +1671,19 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 			s.mu.Unlock()
 			sess.received.Store(0)
 			sess.peerAcked.Store(0)
-			c.hs.fresh = true
+			c.resume.fresh = true
 		default:
 			return fmt.Errorf("%w: no welcome in answer to the hello", ErrHandshake)
 		}
 	}
 }
 
-// ready ends the handshake: the peer has read from packets of ours, and the
+// resumeAt ends the handshake: the peer has read from packets of ours, and the
 // writer may start.
-func (r *reader) ready(from uint64) error {
+func (r *reader) resumeAt(from uint64) error {
 	r.sess.acknowledged(from)
-	r.c.hs.resumeFrom = from
-	r.c.hs.isReady.Store(true)
+	r.c.resume.peerRead = from
+	r.c.resume.settled.Store(true)
 	r.s.wakeWriter()
 	return nil
 }
@@ -1754,66 +1774,143 @@ func (sess *session) closed() {
 // endSession closes a stream whose peer ended the session. What it could not
 // send is reported, since nobody else learns of it.
 func (s *Stream) endSession() {
-	err := s.Close()
-	if err == nil {
-		return
+	if err := s.Close(); err != nil {
+		s.callbacks.last(IOError{Error: fmt.Errorf("%w: %w", ErrSessionEnded, err)})
 	}
-	s.mu.Lock()
-	handlers := s.handlers
-	s.mu.Unlock()
-	e := IOError{Error: fmt.Errorf("%w: %w", ErrSessionEnded, err)}
-	for _, h := range handlers {
-		h(e)
+}
+
+// replayBuffer is what a resumable stream's writer keeps of the packets it
+// wrote until the peer acknowledges them: numbered from first in the order
+// written, they go out again first on the next connection. Only the writer
+// touches it. A plain stream's writer has a nil replay buffer, whose
+// methods do nothing, so the writer reads as it would without sessions.
+type replayBuffer struct {
+	sess    *session
+	packets []*Packet
+	first   uint64 // the number of packets[0]: how many the peer has acknowledged
+	held    int    // the bytes of packets and of the writer's pending
+}
+
+// newSession returns the session of stream s; owner is the accepting
+// side's registry, nil on the dialing side.
+func newSession(s *Stream, owner *Sessions) *session {
+	sess := &session{s: s, owner: owner}
+	sess.replay.sess = sess
+	return sess
+}
+
+// replayBuffer returns the session's replay buffer, nil on a plain stream.
+func (sess *session) replayBuffer() *replayBuffer {
+	if sess == nil {
+		return nil
 	}
+	return &sess.replay
+}
+
+// hold counts p, taken from Outgoing, against the replay limit.
+func (b *replayBuffer) hold(p *Packet) {
+	if b != nil {
+		b.held += HeaderSize + len(p.Data)
+	}
+}
+
+// full tells whether as many bytes are held as limit allows. A packet
+// larger than the limit is taken when nothing else is held.
+func (b *replayBuffer) full(limit int64) bool {
+	return b != nil && b.held > 0 && int64(b.held) >= limit
+}
+
+// unacked returns how many written packets the peer has not acknowledged.
+func (b *replayBuffer) unacked() int {
+	if b == nil {
+		return 0
+	}
+	return len(b.packets)
+}
+
+// writing notes, before a write of pending packets, how many the peer may
+// acknowledge once it has read them.
+func (b *replayBuffer) writing(pending int) {
+	if b != nil {
+		b.sess.sent.Store(b.first + uint64(len(b.packets)+pending))
+	}
+}
+
+// keep adds packets just written.
+func (b *replayBuffer) keep(written []*Packet) {
+	if b != nil {
+		b.packets = append(b.packets, written...)
+	}
+}
+
+// appendAck appends an acknowledgement of what this side has read: it goes
+// out with the writer's next write when the reader asks for one.
+func (b *replayBuffer) appendAck(buf []byte) []byte {
+	if b == nil {
+		return buf
+	}
+	return appendControl(buf, frameAck, b.sess.received.Load())
 }
 
 // resume acts on a resumable connection's handshake before the writer
-// serves it: it drops what the peer has read and sends the rest again first.
-func (w *writer) resume(c *conn) error {
-	if c.hs == nil || c.hs.resumed {
+// serves it: it drops what the peer has read and puts the rest in front of
+// w's pending, to go out again first.
+func (b *replayBuffer) resume(c *conn, w *writer) error {
+	if b == nil || c.resume.acted {
 		return nil
 	}
-	c.hs.resumed = true
-	if c.hs.fresh {
-		w.pending = append(w.sess.replay, w.pending...)
-		w.sess.replay, w.sess.acked = nil, 0
+	c.resume.acted = true
+	if c.resume.fresh {
+		w.pending = append(b.packets, w.pending...)
+		b.packets, b.first = nil, 0
 	}
-	from, written := c.hs.resumeFrom, w.sess.acked+uint64(len(w.sess.replay))
-	if from < w.sess.acked || from > written {
-		return fmt.Errorf("%w: the peer has read %d packets, %d to %d were expected", ErrHandshake, from, w.sess.acked, written)
+	from, written := c.resume.peerRead, b.first+uint64(len(b.packets))
+	if from < b.first || from > written {
+		return fmt.Errorf("%w: the peer has read %d packets, %d to %d were expected", ErrHandshake, from, b.first, written)
 	}
-	w.drop(int(from - w.sess.acked))
-	if len(w.sess.replay) > 0 {
-		w.pending = append(w.sess.replay, w.pending...)
-		w.sess.replay = nil
+	b.drop(int(from - b.first))
+	if len(b.packets) > 0 {
+		w.pending = append(b.packets, w.pending...)
+		b.packets = nil
 	}
 	return nil
 }
 
-// trim drops from the replay buffer what the peer has acknowledged.
-func (w *writer) trim() error {
-	if w.sess == nil {
+// trim drops what the peer has acknowledged.
+func (b *replayBuffer) trim() error {
+	if b == nil {
 		return nil
 	}
-	to := w.sess.peerAcked.Load()
-	if to <= w.sess.acked {
+	to := b.sess.peerAcked.Load()
+	if to <= b.first {
 		return nil
 	}
-	if to > w.sess.acked+uint64(len(w.sess.replay)) {
-		return fmt.Errorf("%w: acknowledges %d packets, %d written", ErrHandshake, to, w.sess.acked+uint64(len(w.sess.replay)))
+	if written := b.first + uint64(len(b.packets)); to > written {
+		return fmt.Errorf("%w: acknowledges %d packets, %d written", ErrHandshake, to, written)
 	}
-	w.drop(int(to - w.sess.acked))
+	b.drop(int(to - b.first))
 	return nil
 }
 
-// drop removes the first n packets of the replay buffer, keeping its array
-// for reuse.
-func (w *writer) drop(n int) {
-	for _, p := range w.sess.replay[:n] {
-		w.sess.held -= HeaderSize + len(p.Data)
+// drop removes the first n packets, keeping the array for reuse.
+func (b *replayBuffer) drop(n int) {
+	for _, p := range b.packets[:n] {
+		b.held -= HeaderSize + len(p.Data)
 	}
-	rest := copy(w.sess.replay, w.sess.replay[n:])
-	clear(w.sess.replay[rest:])
-	w.sess.replay = w.sess.replay[:rest]
-	w.sess.acked += uint64(n)
+	rest := copy(b.packets, b.packets[n:])
+	clear(b.packets[rest:])
+	b.packets = b.packets[:rest]
+	b.first += uint64(n)
+}
+
+// bye ends a resumable stream's session on c, once everything written was
+// acknowledged; a plain stream has no session to end.
+func (w *writer) bye(c *conn) error {
+	if w.replay == nil {
+		return nil
+	}
+	w.startWrite(c)
+	_, err := c.Write(appendControl(nil, frameBye, w.replay.sess.received.Load()))
+	w.stopWrite()
+	return err
 }
