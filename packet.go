@@ -110,7 +110,6 @@ var (
 	// ErrSessionEnded means the peer ended the session while this side still
 	// had packets to send.
 	ErrSessionEnded = errors.New("packet: session ended by the peer")
-
 )
 
 const (

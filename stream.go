@@ -14,6 +14,49 @@ import (
 	"time"
 )
 
+// The life of a stream, for those who work on it.
+//
+// Goroutines, each started in one place and ended by one thing:
+//   - the writer (writeLoop): started by NewStream; exits once Close has
+//     started and it has flushed (finish), closing writerDone.
+//   - one reader per connection (readLoop): started by setConnection; first
+//     waits for the previous connection's reader to exit, so readers never
+//     overlap, then reads until its connection ends; closes its done
+//     channel (lastReader is the newest one's).
+//   - the callbacks (callbacks.run): started by the first report queued
+//     while none runs; exits when the queue is empty.
+//   - the reconnect loop (redialLoop): started by KeepConnected, or by a
+//     failure, while the stream has no connection; exits once one is set
+//     or Close starts (a dial under way finishes first).
+//   - endSession: started by a reader that read the peer's bye; closes the
+//     stream and makes the last report.
+//   - Sessions.Close closes its streams on a goroutine each and waits.
+//
+// Timers (time.AfterFunc), none running on a plain idle stream:
+//   - keep-alive (keepAliveTick), per connection while SetKeepAlive is on:
+//     pings, and ends a silent connection.
+//   - write timeout (writeTimedOut), armed for each write while
+//     SetWriteTimeout is on: ends the connection being written.
+//   - Close's abort timer: ends the live connection after the close timeout.
+//   - a session's acknowledgement timer (ackNow) and, on the accepting
+//     side, its expiry, which calls Close.
+//
+// Ending a connection: end(c, err) is the one way, and the first call wins
+// (c.ended); it closes c.done, stops c's keep-alive, reports err if it is
+// not nil (a failure; a swap or Close passes nil) and starts the reconnect
+// loop if one is kept. The reader, the writer, the timers, a swap and Close
+// may all call it.
+//
+// Close: marks the start (closes closing, under mu, so no connection can be
+// set after it), stops the callbacks, wakes the writer, which flushes and
+// ends the live connection; the abort timer cuts a stuck flush short. Then
+// it waits for writerDone and for the newest reader, which waited for all
+// before it, and closes Incoming.
+//
+// Locks: Sessions.mu is taken before Stream.mu, and Stream.mu before
+// callbacks.mu; none is held while user code (a callback, a dial) runs or
+// while a goroutine waits on a channel.
+
 // Stream sends and receives packets over a connection that can be replaced
 // while it runs: when a connection drops, dial again and hand the new one to
 // SetConnection; nothing queued on Outgoing is lost in between.
@@ -95,11 +138,11 @@ type Stream struct {
 	// was queued and takes nothing more.
 	Outgoing chan<- *Packet
 
-	incoming  chan *Packet
-	outgoing  chan *Packet
-	callbacks callbacks
+	incoming  chan *Packet  // sent on by the readers, closed by Close
+	outgoing  chan *Packet  // received from by the writer only
+	callbacks callbacks     // has its own lock
 	wake      chan struct{} // capacity 1: the writer has something to look at
-	closing   chan struct{} // closed when Close starts
+	closing   chan struct{} // closed, under mu, when Close starts
 
 	writerDone chan struct{} // closed when the writer exits
 	unsent     error         // what the writer could not send; set before writerDone closes
@@ -110,19 +153,20 @@ type Stream struct {
 	replayLimit  atomic.Int64
 
 	// session is nil unless the stream is resumable. It is set under mu
-	// before the first connection, so the loops, which start after it,
-	// read it without the lock.
+	// before the first connection (EnableResume, Sessions), and the loops
+	// read it only once they serve a connection, so without the lock.
 	session *session
 
-	mu           sync.Mutex    // guards the fields below
-	redial       *redialer     // set by KeepConnected
-	conn         *conn         // the live connection, nil when there is none
-	last         net.Conn      // the connection most recently given
-	lastReader   chan struct{} // closed when the newest reader exits; each waits for the one before
-	backlog      []*Packet     // read on ended connections, not yet delivered
-	closeTimeout time.Duration
-	pingEvery    time.Duration
-	silenceLimit time.Duration
+	mu               sync.Mutex    // guards the fields below
+	conn             *conn         // the live connection, nil when there is none
+	last             net.Conn      // the connection most recently given
+	lastReader       chan struct{} // closed when the newest reader exits; each waits for the one before
+	backlog          []*Packet     // read on ended connections, not yet delivered
+	redial           *redialer     // set by KeepConnected
+	closeTimeout     time.Duration
+	handshakeTimeout time.Duration
+	pingEvery        time.Duration
+	silenceLimit     time.Duration
 }
 
 // IOError is a failure on one of a stream's connections, as given to the
@@ -137,17 +181,18 @@ type IOError struct {
 // to get there calls.
 type conn struct {
 	net.Conn
-	datagram bool
+	datagram bool          // set before the loops start
 	ended    atomic.Bool   // set by end
 	done     chan struct{} // closed by end
-	due      atomic.Uint32 // control frames the writer is to send (dueFrame bits)
-	arrived  atomic.Bool   // something was read since the last keep-alive tick
+	due      atomic.Uint32 // control frames the writer is to send (due bits); set by anyone, taken by the writer
+	arrived  atomic.Bool   // set by the reader on every read, taken by the keep-alive tick
 
 	// Guarded by Stream.mu.
 	keepAlive *time.Timer
 	silent    time.Duration // how long nothing has arrived, in whole ticks
 
-	// Set on a resumable stream's connections only.
+	// resume is set on a resumable stream's connections only; see
+	// resumePoint for who writes what.
 	resume *resumePoint
 }
 
@@ -204,13 +249,14 @@ func NewStream(channelBufferSize int) *Stream {
 		panic(fmt.Errorf("packet: NewStream(%d): negative channel buffer size", channelBufferSize))
 	}
 	s := &Stream{
-		incoming:     make(chan *Packet, channelBufferSize),
-		outgoing:     make(chan *Packet, channelBufferSize),
-		wake:         make(chan struct{}, 1),
-		closing:      make(chan struct{}),
-		writerDone:   make(chan struct{}),
-		lastReader:   noReader,
-		closeTimeout: DefaultCloseTimeout,
+		incoming:         make(chan *Packet, channelBufferSize),
+		outgoing:         make(chan *Packet, channelBufferSize),
+		wake:             make(chan struct{}, 1),
+		closing:          make(chan struct{}),
+		writerDone:       make(chan struct{}),
+		lastReader:       noReader,
+		closeTimeout:     DefaultCloseTimeout,
+		handshakeTimeout: DefaultHandshakeTimeout,
 	}
 	s.maxSize.Store(DefaultMaxSize)
 	s.replayLimit.Store(DefaultReplayLimit)
@@ -1376,7 +1422,8 @@ const (
 	// SetReplayLimit says otherwise: 1 MiB, thousands of chat messages.
 	DefaultReplayLimit = 1 << 20
 	// DefaultHandshakeTimeout bounds a resumable connection's handshake
-	// unless Sessions.SetHandshakeTimeout says otherwise.
+	// unless Sessions.SetHandshakeTimeout or Stream.SetHandshakeTimeout
+	// says otherwise.
 	DefaultHandshakeTimeout = 10 * time.Second
 	// DefaultSessionExpiry is how long Sessions keeps a session whose client
 	// has gone, unless Sessions.SetExpiry says otherwise.
@@ -1548,6 +1595,7 @@ func (ss *Sessions) create() (*Stream, error) {
 	ss.streams[sess.token] = s
 	s.mu.Lock()
 	s.session = sess
+	s.handshakeTimeout = ss.handshakeTimeout
 	s.mu.Unlock()
 	return s, nil
 }
@@ -1604,6 +1652,18 @@ func (s *Stream) EnableResume() {
 	}
 }
 
+// SetHandshakeTimeout sets how long a resumable stream waits for each new
+// connection's handshake to complete (on the dialing side, for the welcome
+// that answers its hello), DefaultHandshakeTimeout unless set; a
+// connection whose handshake takes longer fails with an error for which
+// errors.Is(err, os.ErrDeadlineExceeded) holds. A stream from Sessions
+// takes the registry's handshake timeout.
+func (s *Stream) SetHandshakeTimeout(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.handshakeTimeout = d
+}
+
 // SetReplayLimit sets how many bytes of packets a resumable stream keeps
 // until the peer acknowledges them, DefaultReplayLimit unless set. When it
 // is reached the stream takes nothing more from Outgoing, so senders block.
@@ -1627,11 +1687,11 @@ func (c *conn) writable() bool {
 // the previous connection's reader has exited.
 func (r *reader) handshake(cr *connReader, d *Decoder) error {
 	c, s, sess := r.c, r.s, r.sess
-	c.SetDeadline(time.Now().Add(DefaultHandshakeTimeout))
-	defer c.SetDeadline(time.Time{})
 	s.mu.Lock()
-	token := sess.token
+	token, timeout := sess.token, s.handshakeTimeout
 	s.mu.Unlock()
+	c.SetDeadline(time.Now().Add(timeout))
+	defer c.SetDeadline(time.Time{})
 	if sess.owner != nil {
 		welcome := appendControl(make([]byte, 0, HeaderSize+tokenSize), frameWelcome, sess.received.Load())
 		if _, err := c.Write(append(welcome, token[:]...)); err != nil {
