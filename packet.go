@@ -12,6 +12,126 @@
 // word, and resumable sessions (Stream.EnableResume, Sessions) deliver every
 // packet exactly once across reconnects. The Stream type's documentation
 // says which goroutines may do what.
+//
+// The sections below specify the wire format, enough to write a peer in
+// another language.
+//
+// # Data packets
+//
+// Every frame starts with a 9 byte header: a type byte and an 8 byte
+// big-endian signed length. A data packet is the header and length bytes of
+// payload, byte for byte as the original aerogo/packet wrote it:
+//
+//	+------+---------------------------------+-------------
+//	| type | length: int64, big-endian, >= 0 | payload ...
+//	+------+---------------------------------+-------------
+//
+// The type (Packet.Type) is any byte the application chooses. On a byte
+// stream (TCP, TLS, a Unix socket) frames follow each other with nothing in
+// between.
+//
+// # Control frames
+//
+// The original never writes a negative length, so a header whose length has
+// its top bit set is a control frame, and no data packet can be one. Its type
+// byte is the frame's kind, and its length field holds ^x, the bitwise
+// complement of a 63-bit argument x. It has no payload, except as noted.
+//
+//	+------+---------------------------------+
+//	| kind | ^x: 8 bytes, big-endian         |
+//	+------+---------------------------------+
+//
+// For example, in hex:
+//
+//	00 0000000000000004 70696e67  New(0, []byte("ping"))
+//	01 ffffffffffffffff           a ping
+//	03 fffffffffffffffa           an ack of 5 packets
+//
+// The kinds:
+//
+//   - 0x01 ping, x = 0: sent by a stream with keep-alive on when nothing has
+//     arrived for its interval.
+//   - 0x02 pong, x = 0: sent by every stream in answer to pings; pings read
+//     before the answer goes out share one pong.
+//   - 0x03 ack, x = count: sent in a resumable session.
+//   - 0x04 hello, x = count, then a 16 byte token: sent by the dialing side
+//     first on each connection of a resumable session.
+//   - 0x05 welcome, x = count, then a 16 byte token: the accepting side's
+//     answer to a hello.
+//   - 0x06 lost, x = 0: the accepting side's answer to a hello whose token it
+//     does not know.
+//   - 0x07 bye, x = count: sent by Close on a resumable stream; the session
+//     is over.
+//
+// Kind 0x00 is not used. Frame kinds 0x08 and up are reserved.
+//
+// Control frames are sent only when the user opted in: a stream without
+// SetKeepAlive or EnableResume, not from Sessions, and whose peer sends no
+// ping, writes data packets only. The original library cannot read a
+// control frame. Control frames never reach Incoming, and a Decoder refuses
+// them like any negative length. On a byte stream, a stream that reads an
+// unknown kind drops the connection (ErrNegativeLength), and one that reads
+// a known kind out of place drops it with ErrHandshake: a session kind on a
+// stream without a session, or a hello, welcome or lost after the
+// handshake. Anything that arrives counts as life for keep-alive.
+//
+// # Resumable sessions
+//
+// A session joins a dialing side (Stream.EnableResume) and an accepting side
+// (Sessions.Accept) across any number of byte stream connections. Each side
+// numbers the data packets it sends in the session from 0; a count is how
+// many of the peer's data packets a side has received so far in the session.
+// Each connection starts with a handshake, before any other frame:
+//
+//  1. The dialing side sends hello with its count and the session's token,
+//     or count 0 and 16 zero bytes for a new session, then waits.
+//  2. For a zero token the accepting side starts a session and sends welcome
+//     with count 0 and a new token of 16 random bytes, never all zero; for a
+//     token it knows, welcome with its count and that token.
+//  3. For a token it does not know (a restart, an expired session) it sends
+//     lost. The dialing side then sends a second hello, with count 0 and a
+//     zero token, answered as in step 2. Every packet of the old session
+//     not acknowledged is sent again, numbered from 0 in the new one.
+//  4. Each side then sends the packets the other has not received, from the
+//     count it was given, then new ones.
+//
+// The connection is dropped with ErrHandshake for a count below what its
+// sender had already acknowledged or above what the other side sent, a
+// first frame that is not a hello, any other answer to a hello, a welcome
+// with a zero or another session's token, or a second unknown token. Each
+// side waits at most 10 s for the other's handshake frame
+// (Sessions.SetHandshakeTimeout and Stream.SetHandshakeTimeout set it).
+//
+// Acks are cumulative: the receiver of count n may forget its packets
+// numbered below n. An ack above what was sent drops the connection; one
+// below an earlier ack changes nothing. This package acks after each 32 KiB
+// received, headers included, and within 10 ms of a packet arriving. A
+// sender keeps what is not acknowledged up to its replay limit (1 MiB of
+// headers and payloads by default) and then sends nothing new, so a peer
+// must ack what it receives without waiting for more.
+//
+// Close, on either side, sends what is queued and, once the peer has
+// acknowledged everything (within the close timeout), a bye with its count,
+// and closes the connection. The peer takes that count as a last ack and
+// closes its stream; the session cannot be resumed. Without a bye, Sessions
+// keeps a session whose client has gone for 2 minutes (Sessions.SetExpiry).
+//
+// # Datagrams
+//
+// Over a datagram connection (UDP, unixgram) each datagram holds whole
+// frames in the same encoding, several packed together up to 1,400 bytes; a
+// larger packet goes alone. A datagram whose frames do not fill it exactly,
+// or with a refused header, is skipped whole (ErrMalformed, ErrTooLarge,
+// ErrNegativeLength) and the connection stays up. Only ping and pong are
+// used; other known kinds are ignored. Sessions need a byte stream.
+//
+// # Limits
+//
+// A reader refuses a length over its limit (DefaultMaxSize, 16 MiB, unless
+// set) before it allocates; on a byte stream it then drops the connection,
+// since the next header cannot be found. Over a datagram connection a
+// packet is at most 65,507 bytes with its header. A hello or welcome is 25
+// bytes, every other control frame 9.
 package packet
 
 import (
@@ -590,7 +710,7 @@ type controlFrame struct {
 	arg  uint64
 }
 
-// The control frames. The README's wire section draws them.
+// The control frames, as the package doc specifies them.
 const (
 	framePing    = 0x01 // asks for a pong; argument 0
 	framePong    = 0x02 // answers a ping; argument 0
