@@ -2812,6 +2812,142 @@ func ExampleStream_SetConnection() {
 	// Output: ping
 }
 
+// ExampleStream_KeepConnected keeps a client connected to a server that
+// drops its first connection: the stream dials again by itself, and the
+// packet queued meanwhile goes out on the new connection.
+func ExampleStream_KeepConnected() {
+	listener, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer listener.Close()
+	go func() {
+		first, _ := listener.Accept()
+		first.Close() // the server drops the first connection
+		second, _ := listener.Accept()
+		defer second.Close()
+		msg, _ := packet.NewDecoder(second).Decode()
+		fmt.Println("server got:", string(msg.Data))
+		second.Write(packet.New(0, []byte("welcome back")).Bytes())
+	}()
+
+	client := packet.NewStream(1024)
+	defer client.Close()
+	dropped := make(chan struct{}, 1)
+	client.OnError(func(packet.IOError) { dropped <- struct{}{} })
+	client.KeepConnected(func() (net.Conn, error) {
+		return net.Dial("tcp", listener.Addr().String())
+	}, time.Second)
+	<-dropped // a plain stream sends on what it has: wait for the drop
+	client.Outgoing <- packet.New(0, []byte("hello"))
+	fmt.Println("client got:", string((<-client.Incoming).Data))
+	// Output:
+	// server got: hello
+	// client got: welcome back
+}
+
+// ExampleSessions_Accept is the accept loop of a server of resumable
+// sessions: one stream per client, and a handler for each new session.
+func ExampleSessions_Accept() {
+	listener, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer listener.Close()
+	sessions := packet.NewSessions(1024)
+	defer sessions.Close()
+	go func() {
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				stream, isNew, err := sessions.Accept(conn)
+				if err != nil || !isNew {
+					return // a bad handshake, or a returning client whose handler goes on
+				}
+				for p := range stream.Incoming {
+					stream.Outgoing <- packet.New(p.Type, append([]byte("echo: "), p.Data...))
+				}
+			}()
+		}
+	}()
+
+	client := packet.NewStream(1024)
+	defer client.Close()
+	client.EnableResume()
+	client.KeepConnected(func() (net.Conn, error) {
+		return net.Dial("tcp", listener.Addr().String())
+	}, time.Second)
+	client.Outgoing <- packet.New(0, []byte("hi"))
+	fmt.Println(string((<-client.Incoming).Data))
+	// Output: echo: hi
+}
+
+// ExampleStream_EnableResume shows a resumable client surviving the loss of
+// its connection: the packets sent around the cut reach the server once
+// each, in order.
+func ExampleStream_EnableResume() {
+	listener, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer listener.Close()
+	sessions := packet.NewSessions(1024)
+	defer sessions.Close()
+	conns := make(chan net.Conn, 2)
+	received := make(chan string)
+	go func() {
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			conns <- conn
+			go func() {
+				stream, isNew, err := sessions.Accept(conn)
+				if err == nil && isNew {
+					for p := range stream.Incoming {
+						received <- string(p.Data)
+					}
+				}
+			}()
+		}
+	}()
+
+	client := packet.NewStream(1024)
+	defer client.Close()
+	client.EnableResume() // before the first connection
+	client.KeepConnected(func() (net.Conn, error) {
+		return net.Dial("tcp", listener.Addr().String())
+	}, time.Second)
+	client.Outgoing <- packet.New(0, []byte("one"))
+	fmt.Println(<-received)
+	(<-conns).Close() // the server's end of the connection dies
+	client.Outgoing <- packet.New(0, []byte("two"))
+	client.Outgoing <- packet.New(0, []byte("three"))
+	fmt.Println(<-received)
+	fmt.Println(<-received)
+	// Output:
+	// one
+	// two
+	// three
+}
+
+// ExampleStream_SetKeepAlive finds a peer that went silent without closing
+// its connection, as one whose machine lost power does.
+func ExampleStream_SetKeepAlive() {
+	listener, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer listener.Close()
+	go func() {
+		conn, _ := listener.Accept()
+		defer conn.Close()
+		io.Copy(io.Discard, conn) // reads the pings, never answers
+	}()
+
+	conn, _ := net.Dial("tcp", listener.Addr().String())
+	stream := packet.NewStream(1024)
+	defer stream.Close()
+	failed := make(chan error, 1)
+	stream.OnError(func(e packet.IOError) { failed <- e.Error })
+	stream.SetKeepAlive(20*time.Millisecond, 100*time.Millisecond)
+	stream.SetConnection(conn)
+	fmt.Println(errors.Is(<-failed, os.ErrDeadlineExceeded))
+	// Output: true
+}
+
 // ---- Benchmarks ----
 
 // BenchmarkStreamOneWay sends packets from one stream to another over
