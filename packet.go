@@ -714,11 +714,12 @@ type controlFrame struct {
 const (
 	framePing    = 0x01 // asks for a pong; argument 0
 	framePong    = 0x02 // answers a ping; argument 0
-	frameAck     = 0x03 // argument: packets received in the session so far
-	frameHello   = 0x04 // opens a resumable connection; argument: packets received; a 16 byte token follows
-	frameWelcome = 0x05 // accepts a hello; argument: packets received; a 16 byte token follows
+	frameAck     = 0x03 // argument: packets the application took in the session so far
+	frameHello   = 0x04 // opens a resumable connection; argument: packets read; a 16 byte token follows
+	frameWelcome = 0x05 // accepts a hello; argument: packets read; a 16 byte token follows
 	frameLost    = 0x06 // refuses a hello whose session is unknown; argument 0
-	frameBye     = 0x07 // ends the session; argument: packets received
+	frameBye     = 0x07 // ends the session; argument: packets delivered
+	frameLimit   = 0x08 // follows each hello and welcome; argument: the largest payload its sender accepts
 )
 
 // isControl tells whether the header at the start of b is a control frame.
@@ -731,7 +732,7 @@ func isControl(b []byte) bool {
 // header is to a Decoder.
 func parseControl(b []byte) (controlFrame, error) {
 	length := int64(binary.BigEndian.Uint64(b[1:HeaderSize]))
-	if b[0] < framePing || b[0] > frameBye {
+	if b[0] < framePing || b[0] > frameLimit {
 		return controlFrame{}, fmt.Errorf("%w: %d with type %d, which is no control frame", ErrNegativeLength, length, b[0])
 	}
 	return controlFrame{kind: b[0], arg: ^uint64(length)}, nil

@@ -1,14 +1,17 @@
 package packet
 
 import (
+	"bytes"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	mrand "math/rand/v2"
 	"net"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -182,6 +185,7 @@ type IOError struct {
 type conn struct {
 	net.Conn
 	datagram bool          // set before the loops start
+	peerMax  int           // the largest payload c carries; set before the writer serves c
 	ended    atomic.Bool   // set by end
 	done     chan struct{} // closed by end
 	due      atomic.Uint32 // control frames the writer is to send (due bits); set by anyone, taken by the writer
@@ -293,7 +297,10 @@ func (s *Stream) setConnection(nc net.Conn, rp *resumePoint) {
 	if old != nil {
 		s.endLocked(old, nil)
 	}
-	c := &conn{Conn: nc, datagram: isDatagram(nc), done: make(chan struct{})}
+	c := &conn{Conn: nc, datagram: isDatagram(nc), peerMax: math.MaxInt, done: make(chan struct{})}
+	if c.datagram {
+		c.peerMax = maxDatagram - HeaderSize
+	}
 	if s.session != nil {
 		c.resume = rp
 		if rp == nil {
@@ -731,13 +738,10 @@ func (w *writer) takeWithin(c *conn, p *Packet, limit int) bool {
 	return true
 }
 
-// sendLimit is the largest payload the writer sends on c.
+// sendLimit is the largest payload the writer sends on c: the stream's own
+// limit, or less where c or its peer takes less.
 func (w *writer) sendLimit(c *conn) int {
-	limit := int(w.s.maxSize.Load())
-	if c.datagram {
-		limit = min(limit, maxDatagram-HeaderSize)
-	}
-	return limit
+	return min(int(w.s.maxSize.Load()), c.peerMax)
 }
 
 // refuse skips a nil packet or one over the limit: it is reported, or
@@ -930,12 +934,15 @@ func (w *writer) finish() error {
 	w.replay = w.s.session.replayBuffer()
 	c := w.s.liveConn()
 	var err error
-	if c != nil && c.writable() {
-		if err = w.replay.resume(c, w); err == nil {
-			err = w.flush(c)
-		}
-	}
 	if c != nil {
+		for !c.writable() && !c.ended.Load() {
+			<-w.s.wake // a handshake under way ends, or Close's timer ends c
+		}
+		if c.writable() {
+			if err = w.replay.resume(c, w); err == nil {
+				err = w.flush(c)
+			}
+		}
 		w.s.end(c, nil)
 	}
 	// Count what is left, and release senders blocked on a full Outgoing:
@@ -966,11 +973,10 @@ func (w *writer) finish() error {
 	}
 }
 
-// flush sends what is queued on c until Close's timer ends c. On a
-// resumable stream it then waits for the peer to acknowledge everything and
-// ends the session with a bye.
+// flush sends what is queued on c until Close's timer ends c; on a
+// resumable stream it then ends the session (bye).
 func (w *writer) flush(c *conn) error {
-	for !c.ended.Load() {
+	for !c.ended.Load() && !w.replay.peerEnded() {
 		if err := w.replay.trim(); err != nil {
 			return err
 		}
@@ -981,12 +987,12 @@ func (w *writer) flush(c *conn) error {
 			}
 			continue
 		}
-		if w.replay.unacked() == 0 {
-			return w.bye(c)
+		if !w.full() || len(w.in) == 0 {
+			break
 		}
-		<-w.s.wake // an acknowledgement, or Close's timer
+		<-w.s.wake // an acknowledgement makes room for what is queued
 	}
-	return nil
+	return w.bye(c)
 }
 
 // ---- The reader ----
@@ -1003,7 +1009,8 @@ type reader struct {
 	// from then on what c still yields goes to the stream's backlog, for the
 	// next connection's reader to deliver.
 	diverted bool
-	// bye is set when the peer ended the session: the reader stops.
+	// bye is set when the peer ended the session: the reader stops, and
+	// leaves c to the writer, which answers with a bye of its own.
 	bye bool
 }
 
@@ -1037,7 +1044,10 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 	if err == nil && r.deliverBacklog() {
 		err = r.readStream(cr, d)
 	}
-	s.end(c, err)
+	if !r.bye {
+		s.end(c, err)
+	}
+	// After the peer's bye the writer answers with this side's and ends c.
 }
 
 // readStream decodes packets from a byte stream until an error.
@@ -1054,9 +1064,11 @@ func (r *reader) readStream(cr *connReader, d *Decoder) error {
 			continue
 		}
 		if r.sess != nil {
+			if !r.passCounted(p) {
+				return nil
+			}
 			r.count(p)
-		}
-		if !r.deliver(p) {
+		} else if !r.deliver(p) {
 			return nil
 		}
 		if cr.empty() {
@@ -1107,21 +1119,8 @@ func (r *reader) controlStream(f controlFrame) error {
 	case f.kind == framePing || f.kind == framePong:
 		r.control(f)
 		return nil
-	case r.sess != nil && f.kind == frameAck:
-		if f.arg > r.sess.sent.Load() {
-			return fmt.Errorf("%w: acknowledges %d packets, %d sent", ErrHandshake, f.arg, r.sess.sent.Load())
-		}
-		r.sess.acknowledged(f.arg)
-		r.s.wakeWriter()
-		return nil
-	case r.sess != nil && f.kind == frameBye:
-		// The peer's count in its bye is its last acknowledgement.
-		if f.arg <= r.sess.sent.Load() {
-			r.sess.acknowledged(f.arg)
-		}
-		r.bye = true
-		go r.s.endSession()
-		return nil
+	case r.sess != nil && (f.kind == frameAck || f.kind == frameBye):
+		return r.acknowledged(f)
 	}
 	return fmt.Errorf("%w: control frame %d out of place", ErrHandshake, f.kind)
 }
@@ -1173,11 +1172,19 @@ func (r *reader) deliverBacklog() bool {
 	r.s.mu.Unlock()
 	for i, p := range backlog {
 		backlog[i] = nil
-		if !r.deliver(p) {
+		if !r.pass(p) {
 			return false
 		}
 	}
 	return true
+}
+
+// pass is deliver, counted on a resumable stream.
+func (r *reader) pass(p *Packet) bool {
+	if r.sess == nil {
+		return r.deliver(p)
+	}
+	return r.passCounted(p)
 }
 
 // connReader is a buffered reader over one connection. An idle connection is
@@ -1432,11 +1439,14 @@ const (
 	// tokenSize is the length of a session token: 128 random bits.
 	tokenSize = 16
 	// ackBytes and ackDelay say when a resumable stream acknowledges what
-	// it read: after this many bytes, or this long after the first packet
-	// not yet acknowledged, whichever comes first. An acknowledgement is a
-	// 9 byte frame, so a steady flow pays one per 32 KiB.
-	ackBytes = 32 << 10
-	ackDelay = 10 * time.Millisecond
+	// the application took: after this many bytes read, or this long after
+	// the first packet not yet acknowledged, whichever comes first. An
+	// acknowledgement is a 9 byte frame, so a steady flow pays one per
+	// 32 KiB. While packets wait in Incoming the timer looks again, up to
+	// maxAckDelay apart.
+	ackBytes    = 32 << 10
+	ackDelay    = 10 * time.Millisecond
+	maxAckDelay = time.Second
 )
 
 // Sessions is the accepting side of resumable streams: it gives each client
@@ -1509,11 +1519,11 @@ func (ss *Sessions) Accept(nc net.Conn) (stream *Stream, isNew bool, err error) 
 		err = fmt.Errorf("%w: resumable sessions need a byte stream, not %s", ErrHandshake, nc.LocalAddr().Network())
 	default:
 		nc.SetDeadline(time.Now().Add(timeout))
-		var from uint64
-		stream, isNew, from, err = ss.readHello(nc)
+		var rp *resumePoint
+		stream, isNew, rp, err = ss.readHello(nc)
 		if err == nil {
 			nc.SetDeadline(time.Time{})
-			stream.setConnection(nc, &resumePoint{peerRead: from})
+			stream.setConnection(nc, rp)
 			return stream, isNew, nil
 		}
 	}
@@ -1548,36 +1558,40 @@ func (ss *Sessions) Close() error {
 // readHello reads the client's hello: a known session's stream, or a new
 // one. An unknown session is answered with a lost frame, after which the
 // client may send one more hello.
-func (ss *Sessions) readHello(nc net.Conn) (*Stream, bool, uint64, error) {
-	var buf [HeaderSize + tokenSize]byte
+func (ss *Sessions) readHello(nc net.Conn) (*Stream, bool, *resumePoint, error) {
+	var buf [greetingSize]byte
 	for range 2 {
 		if _, err := io.ReadFull(nc, buf[:HeaderSize]); err != nil {
-			return nil, false, 0, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
+			return nil, false, nil, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
 		}
 		if !isControl(buf[:]) || buf[0] != frameHello {
-			return nil, false, 0, fmt.Errorf("%w: the first frame is not a hello", ErrHandshake)
+			return nil, false, nil, fmt.Errorf("%w: the first frame is not a hello", ErrHandshake)
 		}
 		if _, err := io.ReadFull(nc, buf[HeaderSize:]); err != nil {
-			return nil, false, 0, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
+			return nil, false, nil, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
 		}
 		f, _ := parseControl(buf[:])
+		limit, err := readLimit(bytes.NewReader(buf[HeaderSize+tokenSize:]))
+		if err != nil {
+			return nil, false, nil, err
+		}
 		var token [tokenSize]byte
 		copy(token[:], buf[HeaderSize:])
 		if token == [tokenSize]byte{} {
 			s, err := ss.create()
-			return s, true, 0, err
+			return s, true, &resumePoint{peerMax: limit}, err
 		}
 		ss.mu.Lock()
 		s := ss.streams[token]
 		ss.mu.Unlock()
 		if s != nil {
-			return s, false, f.arg, nil
+			return s, false, &resumePoint{peerRead: f.arg, peerMax: limit}, nil
 		}
 		if _, err := nc.Write(appendControl(nil, frameLost, 0)); err != nil {
-			return nil, false, 0, fmt.Errorf("%w: %w", ErrHandshake, err)
+			return nil, false, nil, fmt.Errorf("%w: %w", ErrHandshake, err)
 		}
 	}
-	return nil, false, 0, fmt.Errorf("%w: a second hello for an unknown session", ErrHandshake)
+	return nil, false, nil, fmt.Errorf("%w: a second hello for an unknown session", ErrHandshake)
 }
 
 // create starts a new session with a fresh token.
@@ -1603,19 +1617,37 @@ func (ss *Sessions) create() (*Stream, error) {
 // ---- Resume: the handshake, acknowledgements and replay ----
 
 // session is a resumable stream's state beyond one connection. Packets are
-// numbered implicitly, from 0, in the order they are sent; each side counts
-// what it read, tells the peer in acknowledgements, and on a new connection
-// the handshake says where to resume.
+// numbered implicitly, from 0, in the order they are sent. Each side counts
+// three things of what it received: what its readers read and kept (read,
+// which hellos and welcomes carry, so that the peer resumes after it), what
+// went into Incoming (delivered, which the bye carries), and what the
+// application has taken from Incoming (what acknowledgements carry, so that
+// the peer forgets only what the application has, and a crashed process's
+// successor is sent the rest again).
 type session struct {
 	s           *Stream
 	owner       *Sessions     // the accepting side's registry; nil on the dialing side
 	expireAfter time.Duration // on the accepting side
 
-	received  atomic.Uint64 // packets read in this session; written by the reader
+	// Written by the readers (which never overlap), read by the writer.
+	read      atomic.Uint64 // packets read and kept in this session
+	delivered atomic.Uint64 // packets put into Incoming in this session
+	// gate lets Close freeze delivered: a reader enters it around each
+	// delivery, and once the writer has set gateFrozen and no reader is
+	// inside, delivered is final and readers drop what they read.
+	gate atomic.Uint32
+
 	sent      atomic.Uint64 // packets numbered so far; written by the writer
-	peerAcked atomic.Uint64 // the most packets the peer said it has read
-	ackArmed  atomic.Bool   // ackTimer runs
-	ackTimer  *time.Timer   // made by the first reader that needs it
+	peerAcked atomic.Uint64 // the most packets the peer said it has taken; written by the readers
+	peerBye   atomic.Bool   // the peer's bye was read; set by the reader
+	acked     atomic.Uint64 // the most this side acknowledged; written by the writer
+
+	// The acknowledgement timer runs while packets wait in Incoming
+	// unacknowledged, and looks again, less often each time, until the
+	// application has taken them.
+	ackArmed atomic.Bool
+	ackWait  atomic.Int64 // the timer's next wait, in nanoseconds
+	ackTimer *time.Timer  // made by the first reader that needs it
 
 	// Guarded by Stream.mu.
 	token  [tokenSize]byte // zero until the accepting side issued one
@@ -1625,10 +1657,17 @@ type session struct {
 	replay replayBuffer
 }
 
+// Bits of session.gate.
+const (
+	gateInside = 1 << iota // a reader is delivering a packet
+	gateFrozen             // Close has counted what was delivered
+)
+
 // resumePoint is where a resumable connection takes the session up: the
 // reader settles it in the handshake, then the writer acts on it.
 type resumePoint struct {
-	peerRead uint64      // how many of our packets the peer has read
+	peerRead uint64      // how many of our packets the peer has read and kept
+	peerMax  int         // the largest payload the peer accepts
 	fresh    bool        // a new session replaced a lost one
 	settled  atomic.Bool // set by the reader once the fields above are final
 	acted    bool        // the writer has acted on it
@@ -1683,8 +1722,9 @@ func (c *conn) writable() bool {
 
 // handshake opens a resumable connection: the dialing side sends its hello
 // and reads the welcome; the accepting side, whose Accept read the hello,
-// sends the welcome. Either way the count of packets received is final, as
-// the previous connection's reader has exited.
+// sends the welcome. Each is followed by a limit frame, the largest payload
+// its sender accepts. Either way the count of packets read is final, as the
+// previous connection's reader has exited.
 func (r *reader) handshake(cr *connReader, d *Decoder) error {
 	c, s, sess := r.c, r.s, r.sess
 	s.mu.Lock()
@@ -1693,15 +1733,13 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 	c.SetDeadline(time.Now().Add(timeout))
 	defer c.SetDeadline(time.Time{})
 	if sess.owner != nil {
-		welcome := appendControl(make([]byte, 0, HeaderSize+tokenSize), frameWelcome, sess.received.Load())
-		if _, err := c.Write(append(welcome, token[:]...)); err != nil {
+		if _, err := c.Write(greeting(frameWelcome, sess.read.Load(), token, d.maxSize)); err != nil {
 			return err
 		}
-		return r.resumeAt(c.resume.peerRead)
+		return r.resumeAt(c.resume.peerRead, c.resume.peerMax)
 	}
 	for {
-		hello := appendControl(make([]byte, 0, HeaderSize+tokenSize), frameHello, sess.received.Load())
-		if _, err := c.Write(append(hello, token[:]...)); err != nil {
+		if _, err := c.Write(greeting(frameHello, sess.read.Load(), token, d.maxSize)); err != nil {
 			return err
 		}
 		p, err := d.Decode()
@@ -1717,10 +1755,14 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 			if issued == [tokenSize]byte{} || (token != [tokenSize]byte{} && issued != token) {
 				return fmt.Errorf("%w: the welcome names another session", ErrHandshake)
 			}
+			limit, err := readLimit(cr)
+			if err != nil {
+				return err
+			}
 			s.mu.Lock()
 			sess.token = issued
 			s.mu.Unlock()
-			return r.resumeAt(f.arg)
+			return r.resumeAt(f.arg, limit)
 		case p == nil && f.kind == frameLost && token != [tokenSize]byte{}:
 			// The server no longer knows the session: start a new one on
 			// this connection, and send everything not acknowledged again.
@@ -1729,8 +1771,7 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 			s.mu.Lock()
 			sess.token = token
 			s.mu.Unlock()
-			sess.received.Store(0)
-			sess.peerAcked.Store(0)
+			sess.restart()
 			c.resume.fresh = true
 		default:
 			return fmt.Errorf("%w: no welcome in answer to the hello", ErrHandshake)
@@ -1738,21 +1779,72 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 	}
 }
 
-// resumeAt ends the handshake: the peer has read from packets of ours, and the
-// writer may start.
-func (r *reader) resumeAt(from uint64) error {
-	r.sess.acknowledged(from)
+// greeting returns a hello or welcome with the sender's count and token,
+// followed by its limit frame.
+func greeting(kind byte, read uint64, token [tokenSize]byte, limit int) []byte {
+	b := appendControl(make([]byte, 0, greetingSize), kind, read)
+	b = append(b, token[:]...)
+	return appendControl(b, frameLimit, uint64(limit))
+}
+
+// greetingSize is the length of a hello or welcome with its limit frame.
+const greetingSize = HeaderSize + tokenSize + HeaderSize
+
+// readLimit reads the limit frame that follows a hello or a welcome.
+func readLimit(r io.Reader) (int, error) {
+	var b [HeaderSize]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return 0, err
+	}
+	f, err := parseControl(b[:])
+	if err != nil || !isControl(b[:]) || f.kind != frameLimit {
+		return 0, fmt.Errorf("%w: no limit frame after the greeting", ErrHandshake)
+	}
+	return int(min(f.arg, math.MaxInt)), nil
+}
+
+// restart starts the counts of a session again, when a lost one is
+// replaced by a new one.
+func (sess *session) restart() {
+	sess.read.Store(0)
+	sess.delivered.Store(0)
+	sess.peerAcked.Store(0)
+	sess.acked.Store(0)
+}
+
+// resumeAt ends the handshake: the peer has read from packets of ours and
+// takes payloads up to peerMax; the writer may start.
+func (r *reader) resumeAt(from uint64, peerMax int) error {
 	r.c.resume.peerRead = from
+	r.c.resume.peerMax = peerMax
 	r.c.resume.settled.Store(true)
 	r.s.wakeWriter()
 	return nil
+}
+
+// passCounted is deliver on a resumable stream: it counts what goes into
+// Incoming, and once Close has taken that count it drops p, which the peer
+// then counts as unsent.
+func (r *reader) passCounted(p *Packet) bool {
+	sess := r.sess
+	if !sess.gate.CompareAndSwap(0, gateInside) {
+		return true // frozen
+	}
+	ok := r.deliver(p)
+	if ok && !r.diverted {
+		sess.delivered.Add(1)
+	}
+	if sess.gate.Add(^uint32(0)) == gateFrozen {
+		r.s.wakeWriter() // Close waits for this delivery to end
+	}
+	return ok
 }
 
 // count counts a packet read on a resumable stream and asks for an
 // acknowledgement when one is due.
 func (r *reader) count(p *Packet) {
 	sess := r.sess
-	sess.received.Add(1)
+	sess.read.Add(1)
 	r.toAck += HeaderSize + len(p.Data)
 	if r.toAck >= ackBytes {
 		r.toAck = 0
@@ -1761,6 +1853,7 @@ func (r *reader) count(p *Packet) {
 		return
 	}
 	if !sess.ackArmed.Load() && !sess.ackArmed.Swap(true) {
+		sess.ackWait.Store(int64(ackDelay))
 		if sess.ackTimer == nil {
 			sess.ackTimer = time.AfterFunc(ackDelay, sess.ackNow)
 		} else {
@@ -1769,23 +1862,66 @@ func (r *reader) count(p *Packet) {
 	}
 }
 
-// ackNow asks the writer for an acknowledgement on the live connection.
+// ackNow runs on the acknowledgement timer: it asks the writer for an
+// acknowledgement if the application took something since the last one,
+// and looks again later while packets wait in Incoming, twice as long each
+// time up to maxAckDelay.
 func (sess *session) ackNow() {
 	sess.ackArmed.Store(false)
-	if c := sess.s.liveConn(); c != nil {
+	taken, waiting := sess.taken()
+	if c := sess.s.liveConn(); c != nil && taken > sess.acked.Load() {
 		c.due.Or(dueAck)
 		sess.s.wakeWriter()
 	}
+	if waiting && !sess.ackArmed.Swap(true) {
+		wait := min(2*time.Duration(sess.ackWait.Load()), maxAckDelay)
+		sess.ackWait.Store(int64(wait))
+		sess.ackTimer.Reset(wait)
+	}
 }
 
-// acknowledged notes that the peer has read n packets.
-func (sess *session) acknowledged(n uint64) {
+// taken returns how many packets of this session the application has taken
+// from Incoming, and whether some it was given wait there still. It may
+// count low, never high: delivered is read before Incoming's length.
+func (sess *session) taken() (uint64, bool) {
+	delivered := sess.delivered.Load()
+	inChannel := uint64(len(sess.s.incoming))
+	if inChannel >= delivered {
+		return 0, delivered > 0
+	}
+	return delivered - inChannel, inChannel > 0
+}
+
+// ackCount returns the count for this side's next acknowledgement: what the
+// application has taken, never less than an acknowledgement before it.
+func (sess *session) ackCount() uint64 {
+	taken, _ := sess.taken()
 	for {
-		old := sess.peerAcked.Load()
-		if n <= old || sess.peerAcked.CompareAndSwap(old, n) {
-			return
+		last := sess.acked.Load()
+		if taken <= last || sess.acked.CompareAndSwap(last, taken) {
+			return max(taken, last)
 		}
 	}
+}
+
+// acknowledged acts on the peer's ack or bye. Its count must lie between
+// the peer's last acknowledgement and what was sent, or the connection is
+// dropped. A bye ends the session: the reader stops, and the writer
+// answers it.
+func (r *reader) acknowledged(f controlFrame) error {
+	sess := r.sess
+	last, sent := sess.peerAcked.Load(), sess.sent.Load()
+	if f.arg < last || f.arg > sent {
+		return fmt.Errorf("%w: control frame %d counts %d packets, %d to %d allowed", ErrHandshake, f.kind, f.arg, last, sent)
+	}
+	sess.peerAcked.Store(f.arg) // the readers alone write it
+	if f.kind == frameBye {
+		r.bye = true
+		sess.peerBye.Store(true)
+		go r.s.endSession()
+	}
+	r.s.wakeWriter()
+	return nil
 }
 
 // down notes that the stream has no connection: on the accepting side, the
@@ -1909,7 +2045,7 @@ func (b *replayBuffer) appendAck(buf []byte) []byte {
 	if b == nil {
 		return buf
 	}
-	return appendControl(buf, frameAck, b.sess.received.Load())
+	return appendControl(buf, frameAck, b.sess.ackCount())
 }
 
 // resume acts on a resumable connection's handshake before the writer
@@ -1928,12 +2064,29 @@ func (b *replayBuffer) resume(c *conn, w *writer) error {
 	if from < b.first || from > written {
 		return fmt.Errorf("%w: the peer has read %d packets, %d to %d were expected", ErrHandshake, from, b.first, written)
 	}
-	b.drop(int(from - b.first))
-	if len(b.packets) > 0 {
-		w.pending = append(b.packets, w.pending...)
-		b.packets = nil
+	// What the peer has read stays until its application has taken it; the
+	// rest goes out again first, within the peer's limit.
+	c.peerMax = min(c.peerMax, c.resume.peerMax)
+	if n := int(from - b.first); n < len(b.packets) {
+		w.pending = append(slices.Clone(b.packets[n:]), w.pending...)
+		clear(b.packets[n:])
+		b.packets = b.packets[:n]
 	}
+	limit := w.sendLimit(c)
+	w.pending = slices.DeleteFunc(w.pending, func(p *Packet) bool {
+		if len(p.Data) <= limit {
+			return false
+		}
+		b.held -= HeaderSize + len(p.Data)
+		w.refuse(c, p, limit)
+		return true
+	})
 	return nil
+}
+
+// peerEnded tells whether the peer said bye.
+func (b *replayBuffer) peerEnded() bool {
+	return b != nil && b.sess.peerBye.Load()
 }
 
 // trim drops what the peer has acknowledged.
@@ -1963,14 +2116,29 @@ func (b *replayBuffer) drop(n int) {
 	b.first += uint64(n)
 }
 
-// bye ends a resumable stream's session on c, once everything written was
-// acknowledged; a plain stream has no session to end.
+// bye ends a resumable stream's session on c: it freezes the count of
+// what this side delivered, which from then on drops what it reads, sends
+// that count in a bye, and waits for the peer's bye, which counts what the
+// peer delivered of ours, or for c's end. So every packet is either
+// delivered or counted unsent by its sender. A plain stream has no session
+// to end.
 func (w *writer) bye(c *conn) error {
 	if w.replay == nil {
 		return nil
 	}
+	sess := w.replay.sess
+	sess.gate.Or(gateFrozen)
+	for sess.gate.Load()&gateInside != 0 && !c.ended.Load() {
+		<-w.s.wake // a delivery under way ends, or Close's timer ends c
+	}
+	if c.ended.Load() {
+		return nil
+	}
 	w.startWrite(c)
-	_, err := c.Write(appendControl(nil, frameBye, w.replay.sess.received.Load()))
+	_, err := c.Write(appendControl(nil, frameBye, sess.delivered.Load()))
 	w.stopWrite()
+	for err == nil && !sess.peerBye.Load() && !c.ended.Load() {
+		<-w.s.wake // the peer's bye, or Close's timer
+	}
 	return err
 }

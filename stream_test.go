@@ -2402,20 +2402,24 @@ func TestCallbacksNeverOverlap(t *testing.T) {
 }
 
 // handshakeRaw plays the accepting side of a resumable connection by hand:
-// it reads the client's hello and answers with a welcome saying it has read
-// nothing, under token, followed by extra.
-func handshakeRaw(t *testing.T, raw net.Conn, token [16]byte, extra ...[]byte) {
+// it reads the client's hello and its limit frame and answers with a
+// welcome saying it has read nothing, under token, and a limit of 1 MiB,
+// followed by extra. It returns the hello. Call it on the test's goroutine.
+func handshakeRaw(t *testing.T, raw net.Conn, token [16]byte, extra ...[]byte) []byte {
 	t.Helper()
-	hello := make([]byte, 9+16)
+	hello := make([]byte, 9+16+9)
 	_, err := io.ReadFull(raw, hello)
 	require.NoError(t, err)
 	require.Equal(t, byte(0x04), hello[0], "a hello")
-	welcome := append([]byte{0x05, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, token[:]...)
+	require.Equal(t, byte(0x08), hello[25], "a limit frame")
+	welcome := append(controlFrame(0x05, 0), token[:]...)
+	welcome = append(welcome, controlFrame(0x08, 1<<20)...)
 	for _, e := range extra {
 		welcome = append(welcome, e...)
 	}
 	_, err = raw.Write(welcome)
 	require.NoError(t, err)
+	return hello
 }
 
 // controlFrame returns a control frame's bytes: its kind, then the bitwise
@@ -2704,23 +2708,13 @@ func TestResumeRefusesDatagrams(t *testing.T) {
 // replay limit and then stops taking from Outgoing.
 func TestReplayLimitBlocksSenders(t *testing.T) {
 	a, raw := tcpPair(t)
-	hellos := make(chan []byte, 1)
-	go func() {
-		// A server that welcomes the client and then only reads.
-		hello := make([]byte, 25)
-		if _, err := io.ReadFull(raw, hello); err != nil {
-			return
-		}
-		hellos <- hello
-		welcome := append([]byte{0x05, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, make([]byte, 16)...)
-		welcome[9] = 7
-		raw.Write(welcome)
-		io.Copy(io.Discard, raw)
-	}()
 	s := newStream(t, 4)
 	s.EnableResume()
 	s.SetReplayLimit(16 << 10)
 	s.SetConnection(a)
+	// A server that welcomes the client and then only reads.
+	hello := handshakeRaw(t, raw, [16]byte{7})
+	go io.Copy(io.Discard, raw)
 	accepted := 0
 	for stalled := 0; stalled < 100000; {
 		select {
@@ -2734,9 +2728,338 @@ func TestReplayLimitBlocksSenders(t *testing.T) {
 	}
 	assert.GreaterOrEqual(t, accepted, 16)
 	assert.LessOrEqual(t, accepted, 16+4+1, "replay limit and Outgoing")
-	// A new session's hello: kind 4, ^0 packets received, a zero token.
+	// A new session's hello: kind 4, ^0 packets read, a zero token; then
+	// the limit frame: kind 8, ^16 MiB.
 	wantHello := append([]byte{0x04, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, make([]byte, 16)...)
-	assert.Equal(t, wantHello, <-hellos)
+	wantHello = append(wantHello, 0x08, 0xff, 0xff, 0xff, 0xff, 0xfe, 0xff, 0xff, 0xff)
+	assert.Equal(t, wantHello, hello)
+}
+
+// ---- Exactly once at the edges ----
+
+// crashServer serves resumable sessions on a loopback listener and hands
+// each new session's stream to handle. crash drops every connection with a
+// reset and stops accepting, as a process that died would; its sessions are
+// closed only when the test ends.
+type crashServer struct {
+	ln       net.Listener
+	sessions *packet.Sessions
+	mu       sync.Mutex
+	conns    []net.Conn
+}
+
+func newCrashServer(t testing.TB, size int, handle func(*packet.Stream)) *crashServer {
+	cs := &crashServer{ln: listen(t), sessions: packet.NewSessions(size)}
+	var handlers sync.WaitGroup
+	t.Cleanup(func() { cs.sessions.Close(); handlers.Wait() })
+	serveEach(t, cs.ln, func(c net.Conn) {
+		cs.mu.Lock()
+		cs.conns = append(cs.conns, c)
+		cs.mu.Unlock()
+		handlers.Add(1)
+		go func() {
+			defer handlers.Done()
+			if s, isNew, err := cs.sessions.Accept(c); err == nil && isNew {
+				handle(s)
+			}
+		}()
+	})
+	return cs
+}
+
+func (cs *crashServer) addr() string { return cs.ln.Addr().String() }
+
+func (cs *crashServer) crash() {
+	cs.ln.Close()
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	for _, c := range cs.conns {
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.SetLinger(0) // a reset, not an orderly close
+		}
+		c.Close()
+	}
+}
+
+// switchAddr is an address that a test can move, for a client's dial.
+type switchAddr struct {
+	mu   sync.Mutex
+	addr string
+}
+
+func (a *switchAddr) get() string  { a.mu.Lock(); defer a.mu.Unlock(); return a.addr }
+func (a *switchAddr) set(s string) { a.mu.Lock(); defer a.mu.Unlock(); a.addr = s }
+
+// A server that crashes with packets in a session's Incoming, not yet taken
+// by its application, has not acknowledged them: its successor, which knows
+// nothing of the session, receives them.
+func TestCrashedServerSuccessorGetsWhatItsAppDidNotTake(t *testing.T) {
+	untaken := make(chan *packet.Stream, 1)
+	old := newCrashServer(t, 16, func(s *packet.Stream) { untaken <- s }) // takes nothing
+	addr := &switchAddr{addr: old.addr()}
+	client := resumableClient(t, addr.get)
+	errs := collectErrors(client)
+	for i := range 10 {
+		client.Outgoing <- numbered(i, 8)
+	}
+	s := <-untaken
+	waitFor(t, "ten packets in the old server's Incoming", func() bool { return len(s.Incoming) == 10 })
+	time.Sleep(3 * 10 * time.Millisecond) // the acknowledgement timer has had its chance
+
+	got := make(chan int, 100)
+	successor := newCrashServer(t, 16, func(s *packet.Stream) {
+		for p := range s.Incoming {
+			got <- number(p)
+		}
+	})
+	addr.set(successor.addr())
+	old.crash()
+	for lost := false; !lost; {
+		lost = errors.Is(receiveError(t, errs).Error, packet.ErrSessionLost)
+	}
+	for want := range 10 {
+		select {
+		case n := <-got:
+			require.Equal(t, want, n)
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "the successor did not get", "packet %d", want)
+		}
+	}
+}
+
+// Clients whose server crashes at a random moment lose nothing that the
+// server's application did not take: each of its packets reaches the
+// application of the old server or of its successor.
+func TestCrashAtRandomLosesNothingUntaken(t *testing.T) {
+	const clients, packets = 50, 200
+	rng := mrand.New(mrand.NewPCG(testSeed(t), 2))
+	var mu sync.Mutex
+	taken := make([]map[int]bool, clients) // by either server's application
+	for i := range taken {
+		taken[i] = map[int]bool{}
+	}
+	var crashed atomic.Bool
+	record := func(s *packet.Stream, pause time.Duration) {
+		for p := range s.Incoming {
+			id, n := int(p.Data[8]), number(p)
+			mu.Lock()
+			taken[id][n] = true
+			mu.Unlock()
+			if pause > 0 && crashed.Load() {
+				return // the old server's application died with it
+			}
+			time.Sleep(pause)
+		}
+	}
+	// The old server's application is slow, so its sessions' Incoming
+	// holds packets when it crashes.
+	old := newCrashServer(t, 16, func(s *packet.Stream) { record(s, 200*time.Microsecond) })
+	addr := &switchAddr{addr: old.addr()}
+	streams := make([]*packet.Stream, clients)
+	for id := range streams {
+		streams[id] = resumableClient(t, addr.get)
+		go func() {
+			for i := range packets {
+				p := numbered(i, 9)
+				p.Data[8] = byte(id)
+				streams[id].Outgoing <- p
+			}
+		}()
+	}
+	time.Sleep(time.Duration(5+rng.IntN(30)) * time.Millisecond) // a random crash moment
+	successor := newCrashServer(t, 16, func(s *packet.Stream) { record(s, 0) })
+	addr.set(successor.addr())
+	crashed.Store(true)
+	old.crash()
+	waitFor(t, "every packet taken by one of the servers", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for id := range taken {
+			if len(taken[id]) < packets {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// Close right after SetConnection on a resumable stream waits for the
+// handshake, then sends what is queued.
+func TestCloseDuringHandshakeSendsQueued(t *testing.T) {
+	got := make(chan int, 100)
+	server := newCrashServer(t, 16, func(s *packet.Stream) {
+		for p := range s.Incoming {
+			got <- number(p)
+		}
+	})
+	for range 20 {
+		conn, err := net.Dial("tcp", server.addr())
+		require.NoError(t, err)
+		client := packet.NewStream(16)
+		client.EnableResume()
+		client.SetConnection(conn)
+		for i := range 5 {
+			client.Outgoing <- numbered(i, 8)
+		}
+		require.NoError(t, client.Close())
+		for want := range 5 {
+			select {
+			case n := <-got:
+				require.Equal(t, want, n)
+			case <-time.After(10 * time.Second):
+				require.FailNow(t, "not received", "packet %d", want)
+			}
+		}
+	}
+}
+
+// side is one end of a resumable pair in TestBothSidesCloseAccountExactly.
+type side struct {
+	s         *packet.Stream
+	sent      int
+	delivered atomic.Int64
+	unsent    atomic.Int64
+	done      chan struct{} // Incoming closed
+}
+
+// unsentIn adds the count in an ErrUnsent error to the side's unsent.
+func (sd *side) unsentIn(t *testing.T, err error) {
+	if err == nil {
+		return
+	}
+	var n int64
+	_, scan := fmt.Sscanf(err.Error()[strings.Index(err.Error(), "unsent: ")+len("unsent: "):], "%d", &n)
+	require.NoError(t, scan, err.Error())
+	sd.unsent.Add(n)
+}
+
+// Both sides of a session closing at once account for every packet
+// exactly: each one sent is delivered to the peer's application or counted
+// unsent by its sender, never neither, never both; with fast and slow
+// handlers, and Incoming unbuffered or buffered.
+func TestBothSidesCloseAccountExactly(t *testing.T) {
+	rng := mrand.New(mrand.NewPCG(testSeed(t), 3))
+	for i := range 500 {
+		size, slow := []int{0, 16}[i%2], i%4 >= 2
+		client, server := resumablePair(t, size)
+		sides := []*side{{s: client, done: make(chan struct{})}, {s: server, done: make(chan struct{})}}
+		for _, sd := range sides {
+			sd.s.OnError(func(e packet.IOError) {
+				if errors.Is(e.Error, packet.ErrSessionEnded) {
+					sd.unsentIn(t, e.Error)
+				}
+			})
+			go func() {
+				defer close(sd.done)
+				for range sd.s.Incoming {
+					sd.delivered.Add(1)
+					if slow {
+						time.Sleep(50 * time.Microsecond)
+					}
+				}
+			}()
+		}
+		var senders sync.WaitGroup
+		for _, sd := range sides {
+			senders.Add(1)
+			n := rng.IntN(40)
+			go func() {
+				defer senders.Done()
+				for range n {
+					sd.s.Outgoing <- packet.New(1, []byte("x"))
+					sd.sent++
+				}
+			}()
+		}
+		senders.Wait()
+		var closing sync.WaitGroup
+		for _, sd := range sides {
+			closing.Add(1)
+			go func() {
+				defer closing.Done()
+				sd.unsentIn(t, sd.s.Close())
+			}()
+		}
+		closing.Wait()
+		for _, sd := range sides {
+			<-sd.done
+		}
+		for k, sd := range sides {
+			peer := sides[1-k]
+			waitFor(t, "the accounts to settle", func() bool {
+				// A report of what was unsent may still be on its way.
+				return int64(sd.sent) <= peer.delivered.Load()+sd.unsent.Load()
+			})
+			require.Equal(t, int64(sd.sent), peer.delivered.Load()+sd.unsent.Load(),
+				"round %d, side %d (size %d, slow %v): sent %d, the peer delivered %d, unsent %d",
+				i, k, size, slow, sd.sent, peer.delivered.Load(), sd.unsent.Load())
+		}
+	}
+}
+
+// A resumable pair tells each other its limit: a packet over the peer's
+// limit is refused on the sender with ErrTooLarge and skipped, the one
+// behind it arrives, on the same connection.
+func TestResumablePeersKeepEachOthersLimit(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(16)
+	t.Cleanup(func() { sessions.Close() })
+	accepted := make(chan *packet.Stream, 1)
+	serveEach(t, ln, func(c net.Conn) {
+		if s, _, err := sessions.Accept(c); err == nil {
+			accepted <- s
+		}
+	})
+	client := newStream(t, 16)
+	client.EnableResume()
+	client.SetMaxSize(1024)
+	clientErrs := collectErrors(client)
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	client.SetConnection(conn)
+	server := <-accepted
+	serverErrs := collectErrors(server)
+	server.Outgoing <- packet.New(1, make([]byte, 2048))
+	server.Outgoing <- packet.New(2, []byte("behind it"))
+	assert.Equal(t, "behind it", string(receive(t, client).Data))
+	e := receiveError(t, serverErrs)
+	assert.ErrorIs(t, e.Error, packet.ErrTooLarge)
+	assert.Same(t, conn, client.Connection())
+	assert.Empty(t, clientErrs, "the client's connection stayed up")
+}
+
+// An acknowledgement that goes backwards, and a bye that counts more than
+// was sent, are refused with ErrHandshake and drop the connection.
+func TestStrictSessionFrames(t *testing.T) {
+	for name, frames := range map[string][]byte{
+		"ack backwards":    append(controlFrame(0x03, 2), controlFrame(0x03, 1)...),
+		"bye above sent":   controlFrame(0x07, 4),
+		"ack above sent":   controlFrame(0x03, 4),
+		"limit after hand": controlFrame(0x08, 100),
+	} {
+		t.Run(name, func(t *testing.T) {
+			a, raw := tcpPair(t)
+			s := newStream(t, 16)
+			s.EnableResume()
+			errs := collectErrors(s)
+			s.SetConnection(a)
+			handshakeRaw(t, raw, [16]byte{9})
+			for i := range 3 {
+				s.Outgoing <- numbered(i, 8)
+			}
+			d := packet.NewDecoder(raw)
+			for range 3 {
+				_, err := d.Decode()
+				require.NoError(t, err)
+			}
+			_, err := raw.Write(frames)
+			require.NoError(t, err)
+			assert.ErrorIs(t, receiveError(t, errs).Error, packet.ErrHandshake)
+			raw.SetReadDeadline(time.Now().Add(10 * time.Second))
+			_, err = io.Copy(io.Discard, raw)
+			assert.NoError(t, err, "the stream closed the connection")
+		})
+	}
 }
 
 // ---- Examples ----
