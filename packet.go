@@ -53,17 +53,18 @@
 //     arrived for its interval.
 //   - 0x02 pong, x = 0: sent by every stream in answer to pings; pings read
 //     before the answer goes out share one pong.
-//   - 0x03 ack, x = count: sent in a resumable session.
-//   - 0x04 hello, x = count, then a 16 byte token: sent by the dialing side
+//   - 0x03 ack, x = taken: sent in a resumable session.
+//   - 0x04 hello, x = read, then a 16 byte token: sent by the dialing side
 //     first on each connection of a resumable session.
-//   - 0x05 welcome, x = count, then a 16 byte token: the accepting side's
+//   - 0x05 welcome, x = read, then a 16 byte token: the accepting side's
 //     answer to a hello.
 //   - 0x06 lost, x = 0: the accepting side's answer to a hello whose token it
 //     does not know.
-//   - 0x07 bye, x = count: sent by Close on a resumable stream; the session
-//     is over.
+//   - 0x07 bye, x = delivered: ends a resumable session.
+//   - 0x08 limit, x = the largest payload its sender accepts: follows every
+//     hello and every welcome at once.
 //
-// Kind 0x00 is not used. Frame kinds 0x08 and up are reserved.
+// Kind 0x00 is not used. Frame kinds 0x09 and up are reserved.
 //
 // Control frames are sent only when the user opted in: a stream without
 // SetKeepAlive or EnableResume, not from Sessions, and whose peer sends no
@@ -72,49 +73,65 @@
 // them like any negative length. On a byte stream, a stream that reads an
 // unknown kind drops the connection (ErrNegativeLength), and one that reads
 // a known kind out of place drops it with ErrHandshake: a session kind on a
-// stream without a session, or a hello, welcome or lost after the
+// stream without a session, or a hello, welcome, lost or limit after the
 // handshake. Anything that arrives counts as life for keep-alive.
 //
 // # Resumable sessions
 //
 // A session joins a dialing side (Stream.EnableResume) and an accepting side
 // (Sessions.Accept) across any number of byte stream connections. Each side
-// numbers the data packets it sends in the session from 0; a count is how
-// many of the peer's data packets a side has received so far in the session.
-// Each connection starts with a handshake, before any other frame:
+// numbers the data packets it sends in the session from 0, and counts three
+// things of the peer's: read, the packets it has read and kept; delivered,
+// those it has put into Incoming; taken, those its application has taken
+// from Incoming. taken <= delivered <= read, and each only grows. Each
+// connection starts with a handshake, before any other frame:
 //
-//  1. The dialing side sends hello with its count and the session's token,
-//     or count 0 and 16 zero bytes for a new session, then waits.
+//  1. The dialing side sends hello with its read count and the session's
+//     token, or count 0 and 16 zero bytes for a new session, and its limit;
+//     then it waits.
 //  2. For a zero token the accepting side starts a session and sends welcome
 //     with count 0 and a new token of 16 random bytes, never all zero; for a
-//     token it knows, welcome with its count and that token.
+//     token it knows, welcome with its read count and that token. Its limit
+//     follows.
 //  3. For a token it does not know (a restart, an expired session) it sends
 //     lost. The dialing side then sends a second hello, with count 0 and a
 //     zero token, answered as in step 2. Every packet of the old session
 //     not acknowledged is sent again, numbered from 0 in the new one.
-//  4. Each side then sends the packets the other has not received, from the
-//     count it was given, then new ones.
+//  4. Each side then sends the packets the other has not read, from the
+//     count it was given, then new ones, leaving out any over the other's
+//     limit (reported on the sender with ErrTooLarge).
 //
-// The connection is dropped with ErrHandshake for a count below what its
-// sender had already acknowledged or above what the other side sent, a
-// first frame that is not a hello, any other answer to a hello, a welcome
-// with a zero or another session's token, or a second unknown token. Each
-// side waits at most 10 s for the other's handshake frame
+// A hello's count only says where to resume: the packets before it stay
+// with their sender until acknowledged. The connection is dropped with
+// ErrHandshake for a count below what its sender had already acknowledged
+// or above what the other side sent, a first frame that is not a hello,
+// any other answer to a hello, a greeting without its limit, a welcome with
+// a zero or another session's token, or a second unknown token. Each side
+// waits at most 10 s for the other's handshake frames
 // (Sessions.SetHandshakeTimeout and Stream.SetHandshakeTimeout set it).
 //
-// Acks are cumulative: the receiver of count n may forget its packets
-// numbered below n. An ack above what was sent drops the connection; one
-// below an earlier ack changes nothing. This package acks after each 32 KiB
-// received, headers included, and within 10 ms of a packet arriving. A
-// sender keeps what is not acknowledged up to its replay limit (1 MiB of
-// headers and payloads by default) and then sends nothing new, so a peer
-// must ack what it receives without waiting for more.
+// Acks carry the taken count and are cumulative: the receiver of count n
+// may forget its packets numbered below n, since the peer's application has
+// them; what the peer only read is kept, so that a peer whose process died
+// is sent it again. An ack below an earlier one, or above what was sent,
+// drops the connection with ErrHandshake. This package acks after each
+// 32 KiB read, headers included, and within 10 ms of a packet arriving;
+// while packets wait in Incoming it looks again, twice as long apart each
+// time up to 1 s, and sends nothing while nothing changes. A sender keeps
+// what is not acknowledged up to its replay limit (1 MiB of headers and
+// payloads by default) and then sends nothing new.
 //
-// Close, on either side, sends what is queued and, once the peer has
-// acknowledged everything (within the close timeout), a bye with its count,
-// and closes the connection. The peer takes that count as a last ack and
-// closes its stream; the session cannot be resumed. Without a bye, Sessions
-// keeps a session whose client has gone for 2 minutes (Sessions.SetExpiry).
+// Close, on either side, sends what is queued (within the close timeout),
+// then stops delivering what it reads and sends a bye with its delivered
+// count, which the peer takes as its last ack; data read after it is
+// dropped and left for its sender to count unsent. A side that reads a bye
+// answers with its own and closes; the side that closed first waits for
+// that answer, then closes the connection. So each side knows exactly which
+// of its packets the other delivered. A bye's count must lie between the
+// last ack and what was sent, or the connection is dropped with
+// ErrHandshake. The session cannot be resumed after a bye. Without one,
+// Sessions keeps a session whose client has gone for 2 minutes
+// (Sessions.SetExpiry).
 //
 // # Datagrams
 //
@@ -131,7 +148,7 @@
 // set) before it allocates; on a byte stream it then drops the connection,
 // since the next header cannot be found. Over a datagram connection a
 // packet is at most 65,507 bytes with its header. A hello or welcome is 25
-// bytes, every other control frame 9.
+// bytes, and so 34 with its limit frame; every other control frame is 9.
 package packet
 
 import (

@@ -121,7 +121,18 @@ import (
 //   - Exactly once, when both ends are resumable (EnableResume on the
 //     dialing side, Sessions on the accepting side): every packet sent on
 //     Outgoing reaches the peer's Incoming once and in order, across any
-//     number of connections, for as long as the session lives.
+//     number of connections, for as long as the session lives. A packet is
+//     acknowledged, and forgotten by its sender, only once the peer's
+//     application has taken it from Incoming. So when the peer's process
+//     dies, what its application had not taken is sent again to its
+//     successor, which starts a new session (ErrSessionLost) and may
+//     receive again a few the old one had taken; what the application had
+//     taken and not finished with is the application's to keep safe.
+//   - Exact accounts at the end of a session: when either side closes it,
+//     every packet sent in it was delivered to the peer's Incoming or is
+//     counted unsent by its sender (Close's ErrUnsent, or ErrSessionEnded
+//     when the peer ended it), never both, never neither. What is in
+//     Incoming when it closes is delivered: read it to the end.
 //
 // Over a datagram connection (UDP or unixgram, recognised by the network its
 // LocalAddr reports) each datagram carries whole packets, several small ones
@@ -345,9 +356,11 @@ func (s *Stream) OnError(callback func(IOError)) {
 // uses the limit of the time the connection was set. It panics if n is
 // negative.
 //
-// A peer with a lower limit drops the connection at the header of a packet
-// over its limit, and the stream sends that packet again on the next
-// connection: give both ends the same limit.
+// Resumable peers tell each other their limit when each connection starts,
+// and a packet over the peer's is refused and reported the same way. A
+// plain peer with a lower limit drops the connection at the header of a
+// packet over it, and the stream sends that packet again on the next
+// connection: give plain ends the same limit.
 func (s *Stream) SetMaxSize(n int) {
 	if n < 0 {
 		panic(fmt.Errorf("packet: SetMaxSize(%d): negative size", n))
@@ -395,8 +408,11 @@ func (s *Stream) SetWriteTimeout(d time.Duration) {
 }
 
 // Close stops the stream. If a live connection exists, it first sends what
-// is queued in Outgoing, waiting at most the close timeout (SetCloseTimeout);
-// then it closes the connection, stops the readers and closes Incoming.
+// is queued in Outgoing, waiting at most the close timeout (SetCloseTimeout)
+// and first for a resumable connection's handshake under way; then it
+// closes the connection, stops the readers and closes Incoming. On a
+// resumable stream it ends the session: it tells the peer how many packets
+// it delivered, and learns how many of its own the peer delivered.
 // Senders blocked on a full Outgoing when Close runs are released. Packets it
 // could not send, theirs included, are counted in an error wrapping
 // ErrUnsent.
