@@ -63,8 +63,11 @@
 //   - 0x07 bye, x = delivered: ends a resumable session.
 //   - 0x08 limit, x = the largest payload its sender accepts: follows every
 //     hello and every welcome at once.
+//   - 0x09 full, x = 0: the accepting side's answer to a hello for a new
+//     session when it holds as many sessions as it may, each with its
+//     client connected (ErrTooManySessions); it closes the connection.
 //
-// Kind 0x00 is not used. Frame kinds 0x09 and up are reserved.
+// Kind 0x00 is not used. Frame kinds 0x0a and up are reserved.
 //
 // Control frames are sent only when the user opted in: a stream without
 // SetKeepAlive or EnableResume, not from Sessions, and whose peer sends no
@@ -91,8 +94,11 @@
 //     then it waits.
 //  2. For a zero token the accepting side starts a session and sends welcome
 //     with count 0 and a new token of 16 random bytes, never all zero; for a
-//     token it knows, welcome with its read count and that token. Its limit
-//     follows.
+//     token it knows, welcome with its read count and a fresh token, which
+//     names the session from then on: the one in the hello stops working.
+//     Its limit follows. A count the session cannot resume from (below
+//     what the dialing side acknowledged, above what was sent) ends the
+//     session, and the hello is answered as in step 3.
 //  3. For a token it does not know (a restart, an expired session) it sends
 //     lost. The dialing side then sends a second hello, with count 0 and a
 //     zero token, answered as in step 2. Every packet of the old session
@@ -139,8 +145,9 @@
 // frames in the same encoding, several packed together up to 1,400 bytes; a
 // larger packet goes alone. A datagram whose frames do not fill it exactly,
 // or with a refused header, is skipped whole (ErrMalformed, ErrTooLarge,
-// ErrNegativeLength) and the connection stays up. Only ping and pong are
-// used; other known kinds are ignored. Sessions need a byte stream.
+// ErrNegativeLength) and the connection stays up. A datagram carries only
+// ping and pong; any other control frame makes it refused
+// (ErrNegativeLength). Sessions need a byte stream.
 //
 // # Limits
 //
@@ -243,6 +250,10 @@ var (
 	// started a new one and sends again what was not acknowledged, so the
 	// new server may receive a packet the old one had already received.
 	ErrSessionLost = errors.New("packet: session lost")
+
+	// ErrTooManySessions means Sessions refused a new session: it holds as
+	// many as SetMaxSessions allows, each with its client connected.
+	ErrTooManySessions = errors.New("packet: too many sessions")
 
 	// ErrSessionEnded means the peer ended the session while this side still
 	// had packets to send.
@@ -639,8 +650,12 @@ func (d *Decoder) decodeDatagram(b []byte, deliver func(*Packet) bool, control f
 			return fmt.Errorf("%w: %d bytes left after the last whole packet", ErrMalformed, len(rest))
 		}
 		if isControl(rest) {
-			if _, err := parseControl(rest); err != nil {
+			if f, err := parseControl(rest); err != nil {
 				return err
+			} else if f.kind != framePing && f.kind != framePong {
+				// Sessions need a byte stream: a datagram carries only
+				// keep-alive frames.
+				return fmt.Errorf("%w: type %d, which no datagram carries", ErrNegativeLength, f.kind)
 			}
 			rest = rest[HeaderSize:]
 			continue
@@ -737,6 +752,7 @@ const (
 	frameLost    = 0x06 // refuses a hello whose session is unknown; argument 0
 	frameBye     = 0x07 // ends the session; argument: packets delivered
 	frameLimit   = 0x08 // follows each hello and welcome; argument: the largest payload its sender accepts
+	frameFull    = 0x09 // refuses a hello for a new session: too many sessions; argument 0
 )
 
 // isControl tells whether the header at the start of b is a control frame.
@@ -749,7 +765,7 @@ func isControl(b []byte) bool {
 // header is to a Decoder.
 func parseControl(b []byte) (controlFrame, error) {
 	length := int64(binary.BigEndian.Uint64(b[1:HeaderSize]))
-	if b[0] < framePing || b[0] > frameLimit {
+	if b[0] < framePing || b[0] > frameFull {
 		return controlFrame{}, fmt.Errorf("%w: %d with type %d, which is no control frame", ErrNegativeLength, length, b[0])
 	}
 	return controlFrame{kind: b[0], arg: ^uint64(length)}, nil

@@ -1119,8 +1119,7 @@ func (r *reader) readDatagrams() error {
 	}
 }
 
-// control acts on a keep-alive frame from the peer; over a datagram
-// connection the others are ignored.
+// control acts on a keep-alive frame from the peer.
 func (r *reader) control(f controlFrame) {
 	if f.kind == framePing {
 		r.c.due.Or(duePong)
@@ -1451,6 +1450,17 @@ const (
 	// DefaultSessionExpiry is how long Sessions keeps a session whose client
 	// has gone, unless Sessions.SetExpiry says otherwise.
 	DefaultSessionExpiry = 2 * time.Minute
+	// DefaultMaxSessions is how many sessions Sessions keeps at once unless
+	// Sessions.SetMaxSessions says otherwise. An abandoned session costs
+	// about 21 KiB, so the default bounds them to about 210 MiB.
+	DefaultMaxSessions = 10000
+	// DefaultSessionPing and DefaultSessionSilence are the keep-alive of a
+	// session's stream on the accepting side (Stream.SetKeepAlive), unless
+	// Sessions.OnSession changes it: a client that stays connected but
+	// silent, and does not answer pings, is cut off, and its session then
+	// expires.
+	DefaultSessionPing    = 15 * time.Second
+	DefaultSessionSilence = 45 * time.Second
 
 	// tokenSize is the length of a session token: 128 random bits.
 	tokenSize = 16
@@ -1466,16 +1476,25 @@ const (
 )
 
 // Sessions is the accepting side of resumable streams: it gives each client
-// a stream that lives across the client's connections. Accept is safe to
-// call from any number of goroutines.
+// a stream that lives across the client's connections. Every method is safe
+// to call from any goroutine.
+//
+// It is made for clients it does not control. It keeps at most
+// SetMaxSessions sessions, making room by evicting the one whose client has
+// been gone longest; its streams have keep-alive on, so a client that goes
+// silent is found and its session expires; and the token that names a
+// session changes on every connection, so a token seen by someone else is
+// of no use after the client's next reconnect.
 type Sessions struct {
 	size int
 
-	mu               sync.Mutex
+	mu               sync.Mutex // guards the fields below; taken before Stream.mu
 	streams          map[[tokenSize]byte]*Stream
 	closed           bool
 	handshakeTimeout time.Duration
 	expiry           time.Duration
+	maxSessions      int
+	configure        func(*Stream) // set by OnSession
 }
 
 // NewSessions returns a registry of sessions whose streams have Incoming and
@@ -1489,7 +1508,36 @@ func NewSessions(channelBufferSize int) *Sessions {
 		streams:          make(map[[tokenSize]byte]*Stream),
 		handshakeTimeout: DefaultHandshakeTimeout,
 		expiry:           DefaultSessionExpiry,
+		maxSessions:      DefaultMaxSessions,
 	}
+}
+
+// OnSession registers configure, which Accept calls with each new session's
+// stream before it reads the stream's first packet and before Accept
+// returns it: so OnError, SetKeepAlive, SetMaxSize, SetReplayLimit and the
+// other settings apply from the first byte, and no report is made to
+// nobody. It runs on the goroutine that called Accept. A later call
+// replaces it.
+func (ss *Sessions) OnSession(configure func(*Stream)) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.configure = configure
+}
+
+// SetMaxSessions sets how many sessions are kept at once, DefaultMaxSessions
+// unless set. A new session beyond it evicts the session whose client has
+// been gone longest, whose stream closes as on expiry; if every session's
+// client is connected, the new client is refused: Accept returns an error
+// wrapping ErrTooManySessions and closes the connection after telling the
+// client, whose stream reports ErrTooManySessions too. It panics if n is
+// below 1.
+func (ss *Sessions) SetMaxSessions(n int) {
+	if n < 1 {
+		panic(fmt.Errorf("packet: SetMaxSessions(%d): fewer than one session", n))
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.maxSessions = n
 }
 
 // SetHandshakeTimeout sets how long Accept waits for a client's hello,
@@ -1511,16 +1559,19 @@ func (ss *Sessions) SetExpiry(d time.Duration) {
 }
 
 // Accept reads a client's hello from nc and hands nc to the client's
-// session. For a new session it returns a new stream and isNew; start a
-// handler for it, which reads Incoming until it closes. For a returning
-// client it returns the session's stream, which now uses conn, and the
-// handler already running goes on.
+// session. For a new session it returns a new stream and isNew, configured
+// by OnSession; start a handler for it, which reads Incoming until it
+// closes. For a returning client it returns the session's stream, which now
+// uses nc, and the handler already running goes on.
 //
 // A client that sends nothing, too little or something else than a hello
 // within the handshake timeout gets nc closed and an error wrapping
 // ErrHandshake. A hello for a session this registry does not know (it
-// expired, or the server restarted) is answered so that the client starts a
-// new session on the same connection. It panics if nc is nil.
+// expired, was evicted, or the server restarted), or with a count the
+// session cannot resume from, is answered so that the client starts a new
+// session on the same connection; the session of a bad count ends. A new
+// client beyond SetMaxSessions is refused with ErrTooManySessions. It
+// panics if nc is nil.
 func (ss *Sessions) Accept(nc net.Conn) (stream *Stream, isNew bool, err error) {
 	if nc == nil {
 		panic(errors.New("packet: Accept(nil): nil connection"))
@@ -1539,8 +1590,19 @@ func (ss *Sessions) Accept(nc net.Conn) (stream *Stream, isNew bool, err error) 
 		stream, isNew, rp, err = ss.readHello(nc)
 		if err == nil {
 			nc.SetDeadline(time.Time{})
+			if isNew {
+				ss.mu.Lock()
+				configure := ss.configure
+				ss.mu.Unlock()
+				if configure != nil {
+					configure(stream)
+				}
+			}
 			stream.setConnection(nc, rp)
 			return stream, isNew, nil
+		}
+		if errors.Is(err, ErrTooManySessions) {
+			nc.Write(appendControl(nil, frameFull, 0))
 		}
 	}
 	nc.Close()
@@ -1597,10 +1659,7 @@ func (ss *Sessions) readHello(nc net.Conn) (*Stream, bool, *resumePoint, error) 
 			s, err := ss.create()
 			return s, true, &resumePoint{peerMax: limit}, err
 		}
-		ss.mu.Lock()
-		s := ss.streams[token]
-		ss.mu.Unlock()
-		if s != nil {
+		if s := ss.resume(token, f.arg); s != nil {
 			return s, false, &resumePoint{peerRead: f.arg, peerMax: limit}, nil
 		}
 		if _, err := nc.Write(appendControl(nil, frameLost, 0)); err != nil {
@@ -1610,24 +1669,82 @@ func (ss *Sessions) readHello(nc net.Conn) (*Stream, bool, *resumePoint, error) 
 	return nil, false, nil, fmt.Errorf("%w: a second hello for an unknown session", ErrHandshake)
 }
 
-// create starts a new session with a fresh token.
-func (ss *Sessions) create() (*Stream, error) {
-	s := NewStream(ss.size)
-	sess := newSession(s, ss)
-	rand.Read(sess.token[:])
+// resume returns the session named by token for a client that has read
+// peerRead of its packets, and names it by a fresh token, which the welcome
+// carries: the old one stops working. It returns nil for a token it does
+// not know, and ends the session, returning nil, for a count the session
+// cannot resume from (below what the client acknowledged, above what was
+// sent), so that a client, or someone who saw its token, cannot leave the
+// session stuck on a count that never fits.
+func (ss *Sessions) resume(token [tokenSize]byte, peerRead uint64) *Stream {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
+	s := ss.streams[token]
+	if s == nil {
+		return nil
+	}
+	delete(ss.streams, token)
+	sess := s.session
+	if peerRead < sess.peerAcked.Load() || peerRead > sess.sent.Load() {
+		go s.Close()
+		return nil
+	}
+	s.mu.Lock()
+	rand.Read(sess.token[:])
+	ss.streams[sess.token] = s
+	s.mu.Unlock()
+	return s
+}
+
+// create starts a new session with a fresh token, making room for it if
+// there are SetMaxSessions already.
+func (ss *Sessions) create() (*Stream, error) {
+	ss.mu.Lock()
 	if ss.closed {
-		s.Close()
+		ss.mu.Unlock()
 		return nil, fmt.Errorf("packet: sessions closed: %w", net.ErrClosed)
 	}
+	var evicted *Stream
+	if len(ss.streams) >= ss.maxSessions {
+		if evicted = ss.evictLocked(); evicted == nil {
+			ss.mu.Unlock()
+			return nil, fmt.Errorf("%w: %d, each with its client connected", ErrTooManySessions, len(ss.streams))
+		}
+	}
+	s := NewStream(ss.size)
+	s.SetKeepAlive(DefaultSessionPing, DefaultSessionSilence)
+	sess := newSession(s, ss)
+	rand.Read(sess.token[:])
 	sess.expireAfter = ss.expiry
 	ss.streams[sess.token] = s
 	s.mu.Lock()
 	s.session = sess
 	s.handshakeTimeout = ss.handshakeTimeout
 	s.mu.Unlock()
+	ss.mu.Unlock()
+	if evicted != nil {
+		evicted.Close()
+	}
 	return s, nil
+}
+
+// evictLocked forgets the session whose client has been gone longest and
+// returns its stream, for the caller to close; nil if every session's
+// client is connected. The caller holds ss.mu.
+func (ss *Sessions) evictLocked() *Stream {
+	var oldest *Stream
+	var since int64
+	for _, s := range ss.streams {
+		if gone := s.session.goneSince.Load(); gone != 0 && (oldest == nil || gone < since) {
+			oldest, since = s, gone
+		}
+	}
+	if oldest != nil {
+		oldest.mu.Lock()
+		delete(ss.streams, oldest.session.token)
+		oldest.mu.Unlock()
+	}
+	return oldest
 }
 
 // ---- Resume: the handshake, acknowledgements and replay ----
@@ -1665,8 +1782,12 @@ type session struct {
 	ackWait  atomic.Int64 // the timer's next wait, in nanoseconds
 	ackTimer *time.Timer  // made by the first reader that needs it
 
+	// goneSince is when the stream lost its last connection, in Unix
+	// nanoseconds, 0 while it has one; Sessions reads it to evict.
+	goneSince atomic.Int64
+
 	// Guarded by Stream.mu.
-	token  [tokenSize]byte // zero until the accepting side issued one
+	token  [tokenSize]byte // zero until the accepting side issued one; changes on each welcome
 	expiry *time.Timer
 
 	// The writer's alone.
@@ -1768,8 +1889,8 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 			if _, err := io.ReadFull(cr, issued[:]); err != nil {
 				return err
 			}
-			if issued == [tokenSize]byte{} || (token != [tokenSize]byte{} && issued != token) {
-				return fmt.Errorf("%w: the welcome names another session", ErrHandshake)
+			if issued == [tokenSize]byte{} {
+				return fmt.Errorf("%w: the welcome names no session", ErrHandshake)
 			}
 			limit, err := readLimit(cr)
 			if err != nil {
@@ -1789,6 +1910,8 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 			s.mu.Unlock()
 			sess.restart()
 			c.resume.fresh = true
+		case p == nil && f.kind == frameFull:
+			return fmt.Errorf("%w: the server refused a new session", ErrTooManySessions)
 		default:
 			return fmt.Errorf("%w: no welcome in answer to the hello", ErrHandshake)
 		}
@@ -1944,7 +2067,11 @@ func (r *reader) acknowledged(f controlFrame) error {
 // session expires unless the client comes back in time. The caller holds
 // Stream.mu.
 func (sess *session) down() {
-	if sess.owner == nil || sess.expireAfter <= 0 {
+	if sess.owner == nil {
+		return
+	}
+	sess.goneSince.Store(time.Now().UnixNano())
+	if sess.expireAfter <= 0 {
 		return
 	}
 	if sess.expiry == nil {
@@ -1957,6 +2084,7 @@ func (sess *session) down() {
 // up notes that the stream has a connection again. The caller holds
 // Stream.mu.
 func (sess *session) up() {
+	sess.goneSince.Store(0)
 	if sess.expiry != nil {
 		sess.expiry.Stop()
 	}
