@@ -2206,6 +2206,10 @@ func (b *replayBuffer) resume(c *conn, w *writer) error {
 	}
 	from, written := c.resume.peerRead, b.first+uint64(len(b.packets))
 	if from < b.first || from > written {
+		if b.sess.owner != nil {
+			// The session cannot go on; its client starts a new one.
+			go b.sess.s.Close()
+		}
 		return fmt.Errorf("%w: the peer has read %d packets, %d to %d were expected", ErrHandshake, from, b.first, written)
 	}
 	// What the peer has read stays until its application has taken it; the

@@ -3062,6 +3062,401 @@ func TestStrictSessionFrames(t *testing.T) {
 	}
 }
 
+// ---- Sessions on the open internet ----
+
+// rawHello returns a hello for token with count read, and its limit frame.
+func rawHello(token [16]byte, read uint64) []byte {
+	b := append(controlFrame(0x04, read), token[:]...)
+	return append(b, controlFrame(0x08, 1<<20)...)
+}
+
+// readWelcome reads a welcome and its limit frame and returns the token;
+// for any other answer it returns the answer's kind and a zero token.
+func readWelcome(t *testing.T, c net.Conn) ([16]byte, byte) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	defer c.SetReadDeadline(time.Time{})
+	head := make([]byte, 9)
+	_, err := io.ReadFull(c, head)
+	require.NoError(t, err)
+	var token [16]byte
+	if head[0] != 0x05 {
+		return token, head[0]
+	}
+	rest := make([]byte, 16+9)
+	_, err = io.ReadFull(c, rest)
+	require.NoError(t, err)
+	copy(token[:], rest)
+	return token, 0x05
+}
+
+// sessionsOn accepts connections on ln into sessions, each new session's
+// stream configured by OnSession's configure and handed to handle, until the
+// test ends.
+func sessionsOn(t *testing.T, ln net.Listener, sessions *packet.Sessions, handle func(*packet.Stream)) <-chan error {
+	refused := make(chan error, 10000)
+	var handlers sync.WaitGroup
+	t.Cleanup(func() { sessions.Close(); handlers.Wait() })
+	serveEach(t, ln, func(c net.Conn) {
+		handlers.Add(1)
+		go func() {
+			defer handlers.Done()
+			s, isNew, err := sessions.Accept(c)
+			switch {
+			case err != nil:
+				refused <- err
+			case isNew && handle != nil:
+				handle(s)
+			}
+		}()
+	})
+	return refused
+}
+
+// OnSession's callbacks see everything a new session's stream reports,
+// even a bad frame sent in the same write as the hello.
+func TestOnSessionSeesTheFirstByte(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(4)
+	reports := make(chan error, 200)
+	sessions.OnSession(func(s *packet.Stream) {
+		s.OnError(func(e packet.IOError) { reports <- e.Error })
+	})
+	sessionsOn(t, ln, sessions, nil)
+	for i := range 100 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		require.NoError(t, err)
+		bad := []byte{0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe}
+		_, err = c.Write(append(rawHello([16]byte{}, 0), bad...))
+		require.NoError(t, err)
+		select {
+		case err := <-reports:
+			assert.ErrorIs(t, err, packet.ErrNegativeLength, "try %d", i)
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "the bad frame was reported to nobody", "try %d", i)
+		}
+		c.Close()
+	}
+}
+
+// Clients that say hello and then nothing, not even a pong, are found by the
+// sessions' keep-alive; their sessions expire, every one.
+func TestSilentClientsSessionsReclaimed(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(4)
+	sessions.SetExpiry(50 * time.Millisecond)
+	sessions.OnSession(func(s *packet.Stream) { s.SetKeepAlive(20*time.Millisecond, 60*time.Millisecond) })
+	ended := make(chan struct{}, 100)
+	sessionsOn(t, ln, sessions, func(s *packet.Stream) {
+		for range s.Incoming {
+		}
+		ended <- struct{}{}
+	})
+	const silent = 20
+	for range silent {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		require.NoError(t, err)
+		t.Cleanup(func() { c.Close() })
+		_, err = c.Write(rawHello([16]byte{}, 0))
+		require.NoError(t, err)
+		go io.Copy(io.Discard, c) // reads the pings, never answers
+	}
+	// Keep-alive cuts each connection within 80 ms and the session expires
+	// 50 ms later; allow for a loaded machine.
+	deadline := time.After(10 * time.Second)
+	for i := range silent {
+		select {
+		case <-ended:
+		case <-deadline:
+			require.FailNow(t, "sessions not reclaimed", "%d of %d", i, silent)
+		}
+	}
+}
+
+// A session's stream pings a silent client, with the documented default
+// keep-alive or, as here to see it soon, one that OnSession sets.
+func TestSessionStreamsPingSilentClients(t *testing.T) {
+	assert.Equal(t, 15*time.Second, packet.DefaultSessionPing)
+	assert.Equal(t, 45*time.Second, packet.DefaultSessionSilence)
+	ln := listen(t)
+	sessions := packet.NewSessions(4)
+	sessions.OnSession(func(s *packet.Stream) {
+		// Shorten the default to see it work; a zero would turn it off.
+		s.SetKeepAlive(10*time.Millisecond, time.Minute)
+	})
+	sessionsOn(t, ln, sessions, nil)
+	c, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	_, err = c.Write(rawHello([16]byte{}, 0))
+	require.NoError(t, err)
+	_, kind := readWelcome(t, c)
+	require.Equal(t, byte(0x05), kind)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	ping := make([]byte, 9)
+	_, err = io.ReadFull(c, ping)
+	require.NoError(t, err)
+	assert.Equal(t, controlFrame(0x01, 0), ping)
+}
+
+// helloAndVanish opens a session and drops its connection at once, waiting
+// for the server to have seen it gone when gone is given.
+func helloAndVanish(t *testing.T, addr string, gone <-chan struct{}) {
+	c, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	_, err = c.Write(rawHello([16]byte{}, 0))
+	require.NoError(t, err)
+	_, kind := readWelcome(t, c)
+	require.Equal(t, byte(0x05), kind)
+	c.Close()
+	if gone != nil {
+		select {
+		case <-gone:
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "the server did not see the client go")
+		}
+	}
+}
+
+// With SetMaxSessions(100), 300 clients that say hello and vanish leave 100
+// sessions: each new one evicts the session whose client has been gone
+// longest.
+func TestMaxSessionsEvictsGoneLongest(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(4)
+	sessions.SetMaxSessions(100)
+	gone := make(chan struct{}, 1)
+	sessions.OnSession(func(s *packet.Stream) {
+		s.OnError(func(packet.IOError) { gone <- struct{}{} })
+	})
+	var mu sync.Mutex
+	var order int
+	ended := map[int]bool{}
+	sessionsOn(t, ln, sessions, func(s *packet.Stream) {
+		mu.Lock()
+		i := order
+		order++
+		mu.Unlock()
+		for range s.Incoming {
+		}
+		mu.Lock()
+		ended[i] = true
+		mu.Unlock()
+	})
+	for range 300 {
+		helloAndVanish(t, ln.Addr().String(), gone)
+	}
+	waitFor(t, "200 evicted", func() bool { mu.Lock(); defer mu.Unlock(); return len(ended) >= 200 })
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Len(t, ended, 200, "sessions left: 100")
+	for i := range 200 {
+		assert.True(t, ended[i], "session %d, gone longer than the last 100, was evicted", i)
+	}
+}
+
+// With 100 clients connected and a limit of 100, the 101st is refused:
+// Accept returns ErrTooManySessions, and so does the client's stream.
+func TestMaxSessionsRefusesWhenAllConnected(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(4)
+	sessions.SetMaxSessions(100)
+	refused := sessionsOn(t, ln, sessions, func(s *packet.Stream) {
+		for p := range s.Incoming {
+			s.Outgoing <- p
+		}
+	})
+	for i := range 100 {
+		c := resumableClient(t, func() string { return ln.Addr().String() })
+		c.Outgoing <- numbered(i, 8)
+		require.Equal(t, i, number(receive(t, c)))
+	}
+	extra := resumableClient(t, func() string { return ln.Addr().String() })
+	errs := collectErrors(extra)
+	assert.ErrorIs(t, receiveError(t, errs).Error, packet.ErrTooManySessions)
+	select {
+	case err := <-refused:
+		assert.ErrorIs(t, err, packet.ErrTooManySessions)
+	case <-time.After(10 * time.Second):
+		require.FailNow(t, "Accept did not refuse")
+	}
+}
+
+// A flood of 3,000 clients that say hello and vanish leaves memory and
+// goroutines bounded by the limit, not by the flood.
+func TestSessionFloodBounded(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(4)
+	sessions.SetMaxSessions(100)
+	sessionsOn(t, ln, sessions, func(s *packet.Stream) {
+		for range s.Incoming {
+		}
+	})
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	goroutines := runtime.NumGoroutine()
+	var flood sync.WaitGroup
+	for range 8 {
+		flood.Add(1)
+		go func() {
+			defer flood.Done()
+			for range 3000 / 8 {
+				c, err := net.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				c.Write(rawHello([16]byte{}, 0))
+				c.Read(make([]byte, 34))
+				c.Close()
+			}
+		}()
+	}
+	flood.Wait()
+	// What is left: at most 100 sessions, each a writer and a handler.
+	waitFor(t, "the flood to settle", func() bool { return runtime.NumGoroutine()-goroutines <= 2*100+10 })
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	heap := int64(after.HeapInuse) - int64(before.HeapInuse)
+	assert.Less(t, heap, int64(100*64<<10), "heap after the flood: %d bytes", heap)
+}
+
+// A token seen on one connection is refused once the client has
+// reconnected: each welcome names the session by a fresh token.
+func TestTokensRotate(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(4)
+	sessionsOn(t, ln, sessions, nil)
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		require.NoError(t, err)
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	first := dial()
+	_, err := first.Write(rawHello([16]byte{}, 0))
+	require.NoError(t, err)
+	captured, kind := readWelcome(t, first)
+	require.Equal(t, byte(0x05), kind)
+	first.Close()
+
+	again := dial() // the client reconnects with the token it was given
+	_, err = again.Write(rawHello(captured, 0))
+	require.NoError(t, err)
+	next, kind := readWelcome(t, again)
+	require.Equal(t, byte(0x05), kind, "the session resumes")
+	assert.NotEqual(t, captured, next, "under a fresh token")
+
+	thief := dial()
+	_, err = thief.Write(rawHello(captured, 0))
+	require.NoError(t, err)
+	_, kind = readWelcome(t, thief)
+	assert.Equal(t, byte(0x06), kind, "the captured token is answered lost")
+}
+
+// sniffer forwards connections to target and keeps the token of the last
+// welcome it saw, as an eavesdropper on the path would.
+type sniffer struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	token  [16]byte
+}
+
+func newSniffer(t *testing.T, target string) *sniffer {
+	sn := &sniffer{ln: listen(t), target: target}
+	var pipes sync.WaitGroup
+	t.Cleanup(pipes.Wait)
+	serveEach(t, sn.ln, func(in net.Conn) {
+		out, err := net.Dial("tcp", target)
+		if err != nil {
+			in.Close()
+			return
+		}
+		t.Cleanup(func() { in.Close(); out.Close() })
+		pipes.Add(2)
+		go func() { defer pipes.Done(); io.Copy(out, in); out.Close() }()
+		go func() {
+			defer pipes.Done()
+			for {
+				head := make([]byte, 9, 25)
+				if _, err := io.ReadFull(out, head); err != nil {
+					break
+				}
+				if head[0] == 0x05 { // a welcome: its token follows
+					head = head[:25]
+					if _, err := io.ReadFull(out, head[9:]); err != nil {
+						break
+					}
+					sn.mu.Lock()
+					copy(sn.token[:], head[9:])
+					sn.mu.Unlock()
+				}
+				in.Write(head)
+				if head[0] != 0x06 { // after a lost, another answer follows
+					break
+				}
+			}
+			io.Copy(in, out)
+			in.Close()
+		}()
+	})
+	return sn
+}
+
+// Whatever a connection with the client's token sends (here two packets
+// and an acknowledgement of more than was sent), the real client's next
+// connection resumes or starts a new session, and traffic flows both ways.
+func TestStolenTokenCannotWedgeSession(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(16)
+	sessionsOn(t, ln, sessions, func(s *packet.Stream) {
+		for p := range s.Incoming {
+			if p.Type == 1 {
+				s.Outgoing <- p // echo what the real client sends after the attack
+			}
+		}
+	})
+	sn := newSniffer(t, ln.Addr().String())
+	client := resumableClient(t, func() string { return sn.ln.Addr().String() })
+	for i := range 8 {
+		client.Outgoing <- numbered(i, 8)
+	}
+	waitFor(t, "the welcome seen", func() bool { sn.mu.Lock(); defer sn.mu.Unlock(); return sn.token != [16]byte{} })
+	sn.mu.Lock()
+	stolen := sn.token
+	sn.mu.Unlock()
+
+	attacker, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer attacker.Close()
+	_, err = attacker.Write(rawHello(stolen, 0))
+	require.NoError(t, err)
+	readWelcome(t, attacker)
+	attack := append(numbered(100, 8).Bytes(), numbered(101, 8).Bytes()...)
+	attacker.Write(append(attack, controlFrame(0x03, 12)...))
+
+	const n = 1000
+	go func() {
+		for i := range n {
+			p := numbered(1000+i, 8)
+			p.Type = 1
+			client.Outgoing <- p
+		}
+	}()
+	for want := 1000; want < 1000+n; {
+		select {
+		case p := <-client.Incoming:
+			if number(p) == want {
+				want++
+			}
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "traffic stopped after the attack", "waiting for %d", want)
+		}
+	}
+}
+
 // ---- Examples ----
 
 // Example shows the original README's first example against a server that
