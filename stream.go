@@ -33,7 +33,9 @@ import (
 //     or Close starts (a dial under way finishes first).
 //   - endSession: started by a reader that read the peer's bye; closes the
 //     stream and makes the last report.
-//   - Sessions.Close closes its streams on a goroutine each and waits.
+//   - Sessions.Close closes its streams on a goroutine each and waits; a
+//     session that cannot resume (a hello's count out of range) is closed on
+//     a goroutine of its own, so that Accept does not wait for it.
 //
 // Timers (time.AfterFunc), none running on a plain idle stream:
 //   - keep-alive (keepAliveTick), per connection while SetKeepAlive is on:
@@ -1810,6 +1812,14 @@ type resumePoint struct {
 	acted    bool        // the writer has acted on it
 }
 
+// newSession returns the session of stream s; owner is the accepting
+// side's registry, nil on the dialing side.
+func newSession(s *Stream, owner *Sessions) *session {
+	sess := &session{s: s, owner: owner}
+	sess.replay.sess = sess
+	return sess
+}
+
 // EnableResume makes the stream resumable, on the dialing side: each
 // connection starts with a handshake with Sessions.Accept, and every packet
 // is delivered to the peer exactly once and in order, across any number of
@@ -2129,14 +2139,6 @@ type replayBuffer struct {
 	packets []*Packet
 	first   uint64 // the number of packets[0]: how many the peer has acknowledged
 	held    int    // the bytes of packets and of the writer's pending
-}
-
-// newSession returns the session of stream s; owner is the accepting
-// side's registry, nil on the dialing side.
-func newSession(s *Stream, owner *Sessions) *session {
-	sess := &session{s: s, owner: owner}
-	sess.replay.sess = sess
-	return sess
 }
 
 // replayBuffer returns the session's replay buffer, nil on a plain stream.
