@@ -58,8 +58,9 @@
 //     first on each connection of a resumable session.
 //   - 0x05 welcome, x = read, then a 16 byte token: the accepting side's
 //     answer to a hello.
-//   - 0x06 lost, x = 0: the accepting side's answer to a hello whose token it
-//     does not know.
+//   - 0x06 lost, x = 0, then a 16 byte token: the accepting side's answer
+//     to a hello whose token it does not know; a new session is started
+//     under this token.
 //   - 0x07 bye, x = delivered: ends a resumable session.
 //   - 0x08 limit, x = the largest payload its sender accepts: follows every
 //     hello and every welcome at once.
@@ -99,10 +100,16 @@
 //     Its limit follows. A count the session cannot resume from (below
 //     what the dialing side acknowledged, above what was sent) ends the
 //     session, and the hello is answered as in step 3.
-//  3. For a token it does not know (a restart, an expired session) it sends
-//     lost. The dialing side then sends a second hello, with count 0 and a
-//     zero token, answered as in step 2. Every packet of the old session
-//     not acknowledged is sent again, numbered from 0 in the new one.
+//
+// The token in bytes 9 to 24 is what a load balancer routes on; see the
+// README's "Scaling out" for a configuration of HAProxy.
+//  3. For a token it does not know (a restart, an expired or evicted
+//     session) it starts a new session and sends lost, with count 0, the new
+//     session's token and its limit. Every packet of the old session not
+//     acknowledged is sent again, numbered from 0 in the new one. A welcome
+//     and a lost both carry the token in bytes 9 to 24 of the answer, as a
+//     hello does in bytes 9 to 24 of the question, so a proxy can route a
+//     connection to the server that holds its session.
 //  4. Each side then sends the packets the other has not read, from the
 //     count it was given, then new ones, leaving out any over the other's
 //     limit (reported on the sender with ErrTooLarge).
@@ -111,8 +118,8 @@
 // with their sender until acknowledged. The connection is dropped with
 // ErrHandshake for a count below what its sender had already acknowledged
 // or above what the other side sent, a first frame that is not a hello,
-// any other answer to a hello, a greeting without its limit, a welcome with
-// a zero or another session's token, or a second unknown token. Each side
+// any other answer to a hello, a greeting without its limit, an answer with
+// a zero token, or a lost in answer to a hello for a new session. Each side
 // waits at most 10 s for the other's handshake frames
 // (Sessions.SetHandshakeTimeout and Stream.SetHandshakeTimeout set it).
 //

@@ -1635,40 +1635,36 @@ func (ss *Sessions) Close() error {
 	return errors.Join(errs...)
 }
 
-// readHello reads the client's hello: a known session's stream, or a new
-// one. An unknown session is answered with a lost frame, after which the
-// client may send one more hello.
+// readHello reads the client's hello and its limit: a known session's
+// stream, or a new one. A new session that replaces one the hello named but
+// this registry does not know is answered with a lost frame in place of a
+// welcome.
 func (ss *Sessions) readHello(nc net.Conn) (*Stream, bool, *resumePoint, error) {
 	var buf [greetingSize]byte
-	for range 2 {
-		if _, err := io.ReadFull(nc, buf[:HeaderSize]); err != nil {
-			return nil, false, nil, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
-		}
-		if !isControl(buf[:]) || buf[0] != frameHello {
-			return nil, false, nil, fmt.Errorf("%w: the first frame is not a hello", ErrHandshake)
-		}
-		if _, err := io.ReadFull(nc, buf[HeaderSize:]); err != nil {
-			return nil, false, nil, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
-		}
-		f, _ := parseControl(buf[:])
-		limit, err := readLimit(bytes.NewReader(buf[HeaderSize+tokenSize:]))
-		if err != nil {
-			return nil, false, nil, err
-		}
-		var token [tokenSize]byte
-		copy(token[:], buf[HeaderSize:])
-		if token == [tokenSize]byte{} {
-			s, err := ss.create()
-			return s, true, &resumePoint{peerMax: limit}, err
-		}
+	if _, err := io.ReadFull(nc, buf[:HeaderSize]); err != nil {
+		return nil, false, nil, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
+	}
+	if !isControl(buf[:]) || buf[0] != frameHello {
+		return nil, false, nil, fmt.Errorf("%w: the first frame is not a hello", ErrHandshake)
+	}
+	if _, err := io.ReadFull(nc, buf[HeaderSize:]); err != nil {
+		return nil, false, nil, fmt.Errorf("%w: reading the hello: %w", ErrHandshake, err)
+	}
+	f, _ := parseControl(buf[:])
+	limit, err := readLimit(bytes.NewReader(buf[HeaderSize+tokenSize:]))
+	if err != nil {
+		return nil, false, nil, err
+	}
+	var token [tokenSize]byte
+	copy(token[:], buf[HeaderSize:])
+	named := token != [tokenSize]byte{}
+	if named {
 		if s := ss.resume(token, f.arg); s != nil {
 			return s, false, &resumePoint{peerRead: f.arg, peerMax: limit}, nil
 		}
-		if _, err := nc.Write(appendControl(nil, frameLost, 0)); err != nil {
-			return nil, false, nil, fmt.Errorf("%w: %w", ErrHandshake, err)
-		}
 	}
-	return nil, false, nil, fmt.Errorf("%w: a second hello for an unknown session", ErrHandshake)
+	s, err := ss.create()
+	return s, true, &resumePoint{peerMax: limit, lost: named}, err
 }
 
 // resume returns the session named by token for a client that has read
@@ -1772,6 +1768,12 @@ type session struct {
 	// inside, delivered is final and readers drop what they read.
 	gate atomic.Uint32
 
+	// fresh is set by the reader when a new session replaced a lost one,
+	// and taken by the writer, which then sends again everything not
+	// acknowledged, numbered from 0; it outlives the connection that
+	// learned it.
+	fresh atomic.Bool
+
 	sent      atomic.Uint64 // packets numbered so far; written by the writer
 	peerAcked atomic.Uint64 // the most packets the peer said it has taken; written by the readers
 	peerBye   atomic.Bool   // the peer's bye was read; set by the reader
@@ -1807,7 +1809,7 @@ const (
 type resumePoint struct {
 	peerRead uint64      // how many of our packets the peer has read and kept
 	peerMax  int         // the largest payload the peer accepts
-	fresh    bool        // a new session replaced a lost one
+	lost     bool        // on the accepting side: the hello named an unknown session, which this one replaces
 	settled  atomic.Bool // set by the reader once the fields above are final
 	acted    bool        // the writer has acted on it
 }
@@ -1880,52 +1882,53 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 	c.SetDeadline(time.Now().Add(timeout))
 	defer c.SetDeadline(time.Time{})
 	if sess.owner != nil {
-		if _, err := c.Write(greeting(frameWelcome, sess.read.Load(), token, d.maxSize)); err != nil {
+		kind := byte(frameWelcome)
+		if c.resume.lost {
+			kind = frameLost
+		}
+		if _, err := c.Write(greeting(kind, sess.read.Load(), token, d.maxSize)); err != nil {
 			return err
 		}
 		return r.resumeAt(c.resume.peerRead, c.resume.peerMax)
 	}
-	for {
-		if _, err := c.Write(greeting(frameHello, sess.read.Load(), token, d.maxSize)); err != nil {
-			return err
-		}
-		p, err := d.Decode()
-		f := d.frame
-		switch {
-		case err != nil:
-			return err
-		case p == nil && f.kind == frameWelcome:
-			var issued [tokenSize]byte
-			if _, err := io.ReadFull(cr, issued[:]); err != nil {
-				return err
-			}
-			if issued == [tokenSize]byte{} {
-				return fmt.Errorf("%w: the welcome names no session", ErrHandshake)
-			}
-			limit, err := readLimit(cr)
-			if err != nil {
-				return err
-			}
-			s.mu.Lock()
-			sess.token = issued
-			s.mu.Unlock()
-			return r.resumeAt(f.arg, limit)
-		case p == nil && f.kind == frameLost && token != [tokenSize]byte{}:
-			// The server no longer knows the session: start a new one on
-			// this connection, and send everything not acknowledged again.
-			s.report(c, fmt.Errorf("%w: starting a new session", ErrSessionLost))
-			token = [tokenSize]byte{}
-			s.mu.Lock()
-			sess.token = token
-			s.mu.Unlock()
-			sess.restart()
-			c.resume.fresh = true
-		case p == nil && f.kind == frameFull:
-			return fmt.Errorf("%w: the server refused a new session", ErrTooManySessions)
-		default:
-			return fmt.Errorf("%w: no welcome in answer to the hello", ErrHandshake)
-		}
+	if _, err := c.Write(greeting(frameHello, sess.read.Load(), token, d.maxSize)); err != nil {
+		return err
 	}
+	p, err := d.Decode()
+	f := d.frame
+	switch {
+	case err != nil:
+		return err
+	case p == nil && f.kind == frameFull:
+		return fmt.Errorf("%w: the server refused a new session", ErrTooManySessions)
+	case p == nil && (f.kind == frameWelcome || f.kind == frameLost && token != [tokenSize]byte{}):
+	default:
+		return fmt.Errorf("%w: no welcome in answer to the hello", ErrHandshake)
+	}
+	var issued [tokenSize]byte
+	if _, err := io.ReadFull(cr, issued[:]); err != nil {
+		return err
+	}
+	if issued == [tokenSize]byte{} {
+		return fmt.Errorf("%w: the answer to the hello names no session", ErrHandshake)
+	}
+	limit, err := readLimit(cr)
+	if err != nil {
+		return err
+	}
+	from := f.arg
+	if f.kind == frameLost {
+		// The server no longer knows the session and started a new one:
+		// everything not acknowledged goes out again, numbered from 0.
+		s.report(c, fmt.Errorf("%w: starting a new session", ErrSessionLost))
+		sess.restart()
+		sess.fresh.Store(true)
+		from = 0
+	}
+	s.mu.Lock()
+	sess.token = issued
+	s.mu.Unlock()
+	return r.resumeAt(from, limit)
 }
 
 // greeting returns a hello or welcome with the sender's count and token,
@@ -2202,7 +2205,7 @@ func (b *replayBuffer) resume(c *conn, w *writer) error {
 		return nil
 	}
 	c.resume.acted = true
-	if c.resume.fresh {
+	if b.sess.fresh.Swap(false) {
 		w.pending = append(b.packets, w.pending...)
 		b.packets, b.first = nil, 0
 	}

@@ -2883,6 +2883,44 @@ func TestCrashAtRandomLosesNothingUntaken(t *testing.T) {
 	})
 }
 
+// A connection that dies right after the server said the session was lost
+// leaves the stream to start the new session on the next one: it does not
+// keep trying to resume the old numbering.
+func TestSessionLostThenCutRecovers(t *testing.T) {
+	got := make(chan int, 100)
+	record := func(s *packet.Stream) {
+		for p := range s.Incoming {
+			got <- number(p)
+		}
+	}
+	old := newCrashServer(t, 16, record)
+	addr := &switchAddr{addr: old.addr()}
+	client := resumableClient(t, addr.get)
+	client.OnError(func(e packet.IOError) {
+		if errors.Is(e.Error, packet.ErrSessionLost) {
+			e.Connection.Close() // the network fails right after the lost frame
+		}
+	})
+	for i := range 5 {
+		client.Outgoing <- numbered(i, 8)
+		require.Equal(t, i, <-got)
+	}
+	successor := newCrashServer(t, 16, record)
+	addr.set(successor.addr())
+	old.crash()
+	client.Outgoing <- numbered(5, 8)
+	for {
+		select {
+		case n := <-got:
+			if n == 5 {
+				return
+			}
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "the stream did not recover from a cut after lost")
+		}
+	}
+}
+
 // Close right after SetConnection on a resumable stream waits for the
 // handshake, then sends what is queued.
 func TestCloseDuringHandshakeSendsQueued(t *testing.T) {
@@ -3379,25 +3417,17 @@ func newSniffer(t *testing.T, target string) *sniffer {
 		go func() { defer pipes.Done(); io.Copy(out, in); out.Close() }()
 		go func() {
 			defer pipes.Done()
-			for {
-				head := make([]byte, 9, 25)
-				if _, err := io.ReadFull(out, head); err != nil {
-					break
-				}
-				if head[0] == 0x05 { // a welcome: its token follows
-					head = head[:25]
-					if _, err := io.ReadFull(out, head[9:]); err != nil {
-						break
-					}
+			head := make([]byte, 9, 25)
+			if _, err := io.ReadFull(out, head); err == nil && (head[0] == 0x05 || head[0] == 0x06) {
+				// A welcome, or a lost with the new session's: a token follows.
+				head = head[:25]
+				if _, err := io.ReadFull(out, head[9:]); err == nil {
 					sn.mu.Lock()
 					copy(sn.token[:], head[9:])
 					sn.mu.Unlock()
 				}
-				in.Write(head)
-				if head[0] != 0x06 { // after a lost, another answer follows
-					break
-				}
 			}
+			in.Write(head)
 			io.Copy(in, out)
 			in.Close()
 		}()
