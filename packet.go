@@ -100,9 +100,7 @@
 //     Its limit follows. A count the session cannot resume from (below
 //     what the dialing side acknowledged, above what was sent) ends the
 //     session, and the hello is answered as in step 3.
-//
-// The token in bytes 9 to 24 is what a load balancer routes on; see the
-// README's "Scaling out" for a configuration of HAProxy.
+
 //  3. For a token it does not know (a restart, an expired or evicted
 //     session) it starts a new session and sends lost, with count 0, the new
 //     session's token and its limit. Every packet of the old session not
@@ -113,6 +111,9 @@
 //  4. Each side then sends the packets the other has not read, from the
 //     count it was given, then new ones, leaving out any over the other's
 //     limit (reported on the sender with ErrTooLarge).
+//
+// The token in bytes 9 to 24 is what a load balancer routes on; see the
+// README's "Scaling out" for a configuration of HAProxy.
 //
 // A hello's count only says where to resume: the packets before it stay
 // with their sender until acknowledged. The connection is dropped with
