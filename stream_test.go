@@ -786,6 +786,7 @@ func TestProgrammerErrorsPanicWithErrors(t *testing.T) {
 		{func() { packet.NewStream(-1) }, "packet: NewStream(-1): negative channel buffer size"},
 		{func() { packet.NewSessions(-1) }, "packet: NewSessions(-1): negative channel buffer size"},
 		{func() { packet.NewSessions(1).Accept(nil) }, "packet: Accept(nil): nil connection"},
+		{func() { packet.NewSessions(1).SetMaxSessions(0) }, "packet: SetMaxSessions(0): fewer than one session"},
 	} {
 		assert.PanicsWithError(t, c.want, c.call)
 	}
@@ -2790,6 +2791,29 @@ type switchAddr struct {
 func (a *switchAddr) get() string  { a.mu.Lock(); defer a.mu.Unlock(); return a.addr }
 func (a *switchAddr) set(s string) { a.mu.Lock(); defer a.mu.Unlock(); a.addr = s }
 
+// numbersTo returns a session handler that passes on the number of every
+// packet it takes.
+func numbersTo(got chan<- int) func(*packet.Stream) {
+	return func(s *packet.Stream) {
+		for p := range s.Incoming {
+			got <- number(p)
+		}
+	}
+}
+
+// expectNumbers waits for the numbers 0 to n-1 on got, in order.
+func expectNumbers(t testing.TB, got <-chan int, n int) {
+	t.Helper()
+	for want := range n {
+		select {
+		case i := <-got:
+			require.Equal(t, want, i)
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "not received", "packet %d", want)
+		}
+	}
+}
+
 // A server that crashes with packets in a session's Incoming, not yet taken
 // by its application, has not acknowledged them: its successor, which knows
 // nothing of the session, receives them.
@@ -2807,24 +2831,13 @@ func TestCrashedServerSuccessorGetsWhatItsAppDidNotTake(t *testing.T) {
 	time.Sleep(3 * 10 * time.Millisecond) // the acknowledgement timer has had its chance
 
 	got := make(chan int, 100)
-	successor := newCrashServer(t, 16, func(s *packet.Stream) {
-		for p := range s.Incoming {
-			got <- number(p)
-		}
-	})
+	successor := newCrashServer(t, 16, numbersTo(got))
 	addr.set(successor.addr())
 	old.crash()
 	for lost := false; !lost; {
 		lost = errors.Is(receiveError(t, errs).Error, packet.ErrSessionLost)
 	}
-	for want := range 10 {
-		select {
-		case n := <-got:
-			require.Equal(t, want, n)
-		case <-time.After(10 * time.Second):
-			require.FailNow(t, "the successor did not get", "packet %d", want)
-		}
-	}
+	expectNumbers(t, got, 10)
 }
 
 // Clients whose server crashes at a random moment lose nothing that the
@@ -2888,11 +2901,7 @@ func TestCrashAtRandomLosesNothingUntaken(t *testing.T) {
 // keep trying to resume the old numbering.
 func TestSessionLostThenCutRecovers(t *testing.T) {
 	got := make(chan int, 100)
-	record := func(s *packet.Stream) {
-		for p := range s.Incoming {
-			got <- number(p)
-		}
-	}
+	record := numbersTo(got)
 	old := newCrashServer(t, 16, record)
 	addr := &switchAddr{addr: old.addr()}
 	client := resumableClient(t, addr.get)
@@ -2925,11 +2934,7 @@ func TestSessionLostThenCutRecovers(t *testing.T) {
 // handshake, then sends what is queued.
 func TestCloseDuringHandshakeSendsQueued(t *testing.T) {
 	got := make(chan int, 100)
-	server := newCrashServer(t, 16, func(s *packet.Stream) {
-		for p := range s.Incoming {
-			got <- number(p)
-		}
-	})
+	server := newCrashServer(t, 16, numbersTo(got))
 	for range 20 {
 		conn, err := net.Dial("tcp", server.addr())
 		require.NoError(t, err)
@@ -2940,14 +2945,7 @@ func TestCloseDuringHandshakeSendsQueued(t *testing.T) {
 			client.Outgoing <- numbered(i, 8)
 		}
 		require.NoError(t, client.Close())
-		for want := range 5 {
-			select {
-			case n := <-got:
-				require.Equal(t, want, n)
-			case <-time.After(10 * time.Second):
-				require.FailNow(t, "not received", "packet %d", want)
-			}
-		}
+		expectNumbers(t, got, 5)
 	}
 }
 
