@@ -209,6 +209,11 @@ type Decoder struct {
 	// small, so a connection that carries a few packets costs little, and
 	// they double up to full size while traffic keeps coming.
 	slabs, groups uint8
+	// parked is set by idle, which put the rest of slab and packets in
+	// carvings, and cleared by unpark, which takes a carving back. box
+	// carries them there and back, so that parking allocates nothing.
+	parked bool
+	box    *carving
 	// spare is a released packet whose payload alloc handed out; newPacket
 	// reuses it.
 	spare *Packet
@@ -287,6 +292,19 @@ const (
 	// header; larger payloads are written in place (writev).
 	copyLimit = 16 << 10
 )
+
+// carving is the unused rest of a decoder's block and group of Packet
+// values.
+type carving struct {
+	slab    []byte
+	packets []Packet
+}
+
+// carvings holds the carvings of decoders whose readers wait for input
+// (Decoder.idle), for any decoder to carve from next: a quiet connection
+// holds no block of its own, and one that wakes carves on without
+// allocating.
+var carvings sync.Pool
 
 // writePool holds the batches Packet.Write encodes with, each with room for
 // one copied payload.
@@ -646,6 +664,50 @@ func (d *Decoder) largePacket(typ byte, data []byte) *Packet {
 func (d *Decoder) newGroup() {
 	d.packets = make([]Packet, min(firstGroup<<min(int(d.groups), 5), packetBlock))
 	d.groups = min(d.groups+1, 5)
+}
+
+// idle parks the rest of the current block and group in carvings. A
+// Stream's reader calls it before a read that may wait, and unpark once the
+// read returns, so that while it waits the connection holds neither: the
+// blocks that packets were carved from are kept alive by those packets
+// only, and the rest is carved by whichever decoder wakes next. The growth
+// counts are kept, so a block allocated after a burst is still full size.
+func (d *Decoder) idle() {
+	// An empty rest still points into its block.
+	if len(d.slab) == 0 {
+		d.slab = nil
+	}
+	if len(d.packets) == 0 {
+		d.packets = nil
+	}
+	if d.slab == nil && d.packets == nil {
+		return
+	}
+	c := d.box
+	if c == nil {
+		c = new(carving)
+	}
+	d.box = nil
+	c.slab, c.packets = d.slab, d.packets
+	d.slab, d.packets = nil, nil
+	d.parked = true
+	carvings.Put(c)
+}
+
+// unpark takes a parked carving back after idle, if one is left, to carve
+// from.
+func (d *Decoder) unpark() {
+	if !d.parked {
+		return
+	}
+	d.parked = false
+	c, _ := carvings.Get().(*carving)
+	if c == nil {
+		return
+	}
+	d.slab, d.packets = c.slab, c.packets
+	c.slab, c.packets = nil, nil
+	d.box = c
 }
 
 // decodeDatagram decodes every frame in one datagram: packets go to deliver,

@@ -1053,6 +1053,7 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 	cr := &connReader{c: c}
 	defer cr.release()
 	d := NewDecoder(cr)
+	cr.d = d
 	d.SetMaxSize(int(s.maxSize.Load()))
 	d.control = true
 	var err error
@@ -1071,6 +1072,12 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 // readStream decodes packets from a byte stream until an error.
 func (r *reader) readStream(cr *connReader, d *Decoder) error {
 	for {
+		if cr.empty() {
+			// A packet ended where the bytes read did, so the next read may
+			// wait, however full the last one was: a burst of packets
+			// ends on a read's edge as easily as a single packet does.
+			cr.streaming = false
+		}
 		p, err := d.Decode()
 		if err != nil {
 			return err
@@ -1204,16 +1211,21 @@ func (r *reader) pass(p *Packet) bool {
 	return r.passCounted(p)
 }
 
-// connReader is a buffered reader over one connection. An idle connection is
-// read into a small array; a pooled block is taken only while data keeps
-// coming and is given back when it runs empty, so an idle stream holds little
-// memory. Every read notes that something arrived, for keep-alive.
+// connReader is a buffered reader over one connection. A read that may
+// wait is made into a small array, and before it the reader gives back all
+// it need not hold while it waits: its pooled block and its decoder's
+// (Decoder.idle). The block is taken again, and the read made into it, only
+// after a read that filled its buffer, which means more is likely waiting;
+// so a connection that has gone quiet holds no more memory than one that
+// never carried anything, and a burst is read in blocks. Every read notes
+// that something arrived, for keep-alive.
 type connReader struct {
 	c         *conn
-	buf       []byte // unread bytes are buf[r:w]
+	d         *Decoder // decodes what is read here; told when a read may wait
+	buf       []byte   // unread bytes are buf[r:w]
 	r, w      int
 	err       error // from the last read, returned once buf is empty
-	streaming bool  // the last read filled the small array, so more is likely waiting
+	streaming bool  // the last read filled its buffer, so more is likely waiting
 	block     *[]byte
 	small     [smallRead]byte
 }
@@ -1232,6 +1244,7 @@ func (cr *connReader) Read(p []byte) (int, error) {
 			// another large payload: read it into the small array, so that
 			// little of that payload is copied through a buffer.
 			cr.streaming = false
+			cr.quiet()
 			n, err := cr.c.Read(p)
 			cr.c.arrived.Store(true)
 			return n, err
@@ -1239,6 +1252,10 @@ func (cr *connReader) Read(p []byte) (int, error) {
 		if err := cr.fill(); err != nil {
 			return 0, err
 		}
+		// Here, not in fill, so that fill's frame stays as small as it
+		// was: a reader waits with fill on its stack, and a few more
+		// bytes there grow every reader's stack to 4 KiB.
+		cr.d.unpark()
 	}
 	n := copy(p, cr.buf[cr.r:cr.w])
 	cr.r += n
@@ -1254,13 +1271,13 @@ func (cr *connReader) fill() error {
 		}
 		cr.buf = *cr.block
 	} else {
-		cr.release()
+		cr.quiet()
 		cr.buf = cr.small[:]
 	}
 	n, err := cr.c.Read(cr.buf)
 	cr.c.arrived.Store(true)
 	cr.r, cr.w = 0, n
-	cr.streaming = n >= smallRead
+	cr.streaming = n == len(cr.buf)
 	if n == 0 {
 		return err
 	}
@@ -1271,6 +1288,13 @@ func (cr *connReader) fill() error {
 // empty tells whether everything read has been consumed.
 func (cr *connReader) empty() bool {
 	return cr.r == cr.w
+}
+
+// quiet gives back, before a read that may wait, what the reader need not
+// hold meanwhile: the pooled block and the decoder's block and group.
+func (cr *connReader) quiet() {
+	cr.release()
+	cr.d.idle()
 }
 
 // release gives the pooled block back. The reader must not be using it:

@@ -3914,6 +3914,168 @@ func BenchmarkIdleStream(b *testing.B) {
 	b.ReportMetric(float64(goroutines)/n, "goroutines/stream")
 }
 
+// BenchmarkIdleStreamAfterTraffic is BenchmarkIdleStream for streams whose
+// connection has gone quiet after carrying traffic (idleTraffic, and none,
+// the baseline measured the same way), written to the far end of each
+// connection and dropped on arrival: heap and stack bytes per stream once
+// the heap has settled, and heap bytes alone. Its time includes the waits
+// for the heap to settle and is of no interest.
+func BenchmarkIdleStreamAfterTraffic(b *testing.B) {
+	const n = 500
+	for _, tc := range append([]idleCase{{"none", 0, 0}}, idleTraffic...) {
+		wire := bytes.Repeat(packet.New(1, make([]byte, tc.size)).Bytes(), tc.packets)
+		b.Run(tc.name, func(b *testing.B) {
+			var heap, stack uint64
+			for range b.N {
+				conns := make([]net.Conn, 0, 2*n)
+				for range n {
+					x, y := net.Pipe()
+					conns = append(conns, x, y)
+				}
+				before := settle()
+				streams := make([]*packet.Stream, n)
+				var wg sync.WaitGroup
+				for i := range streams {
+					s := packet.NewStream(16)
+					s.SetConnection(conns[2*i])
+					streams[i] = s
+					if len(wire) > 0 {
+						wg.Go(func() {
+							if _, err := conns[2*i+1].Write(wire); err != nil {
+								b.Error(err)
+							}
+						})
+					}
+					wg.Go(func() {
+						for range tc.packets {
+							<-s.Incoming
+						}
+					})
+				}
+				wg.Wait()
+				after := settle()
+				heap, stack = after.HeapInuse-before.HeapInuse, after.StackInuse-before.StackInuse
+				for _, s := range streams {
+					s.Close()
+				}
+				for _, c := range conns {
+					c.Close()
+				}
+			}
+			b.ReportMetric(float64(heap+stack)/n, "B/stream")
+			b.ReportMetric(float64(heap)/n, "heap-B/stream")
+		})
+	}
+}
+
+// idleTraffic is what a connection carries before it goes quiet, in the
+// idle memory test and benchmark: one packet of each size, or a burst.
+var idleTraffic = []idleCase{
+	{"100B", 100, 1},
+	{"1KiB", 1 << 10, 1},
+	{"16KiB", 16 << 10, 1},
+	{"64KiB", 64 << 10, 1},
+	{"burst256KiB", 1 << 10, 256},
+}
+
+// idleCase is packets of size bytes, one after the other.
+type idleCase struct {
+	name          string
+	size, packets int
+}
+
+// TestIdleMemoryAfterTraffic checks that memory comes back once a connection
+// goes quiet: 1,000 connections, each with a stream at both ends, hold no
+// more after carrying any of idleTraffic one way than 1,000 that never
+// carried anything, within 4 KiB a connection. The receiver drops every
+// packet, so what is left is the streams' own.
+func TestIdleMemoryAfterTraffic(t *testing.T) {
+	const conns, slack = 1000, 4 << 10
+	// The first streams of a process cost more than later ones: the
+	// runtime keeps what their goroutines were made of for reuse.
+	idleHeap(t, conns, 0, 0)
+	never := idleHeap(t, conns, 0, 0)
+	t.Logf("never used: %.0f B/conn", never)
+	for _, tc := range idleTraffic {
+		used := idleHeap(t, conns, tc.size, tc.packets)
+		t.Logf("after %s: %.0f B/conn, %+.0f", tc.name, used, used-never)
+		assert.Less(t, used-never, float64(slack), "after %s, B/conn above a never-used connection's", tc.name)
+	}
+}
+
+// idleHeap makes conns connections over net.Pipe with a stream at each end,
+// sends packets of size bytes one way on each, and returns the heap in use
+// per connection once every packet has been received and dropped and the
+// heap has settled.
+func idleHeap(t *testing.T, conns, size, packets int) float64 {
+	t.Helper()
+	ends := make([]net.Conn, 0, 2*conns)
+	for range conns {
+		x, y := net.Pipe()
+		ends = append(ends, x, y)
+	}
+	t.Cleanup(func() {
+		for _, c := range ends {
+			c.Close()
+		}
+	})
+	before := settle().HeapInuse
+	streams := make([]*packet.Stream, len(ends))
+	for i, c := range ends {
+		streams[i] = newStream(t, 16)
+		streams[i].SetConnection(c)
+	}
+	p := packet.New(1, make([]byte, size))
+	var wg sync.WaitGroup
+	for i := 0; i < len(streams); i += 2 {
+		sender, receiver := streams[i], streams[i+1]
+		wg.Go(func() {
+			for range packets {
+				sender.Outgoing <- p
+			}
+		})
+		wg.Go(func() {
+			timeout := time.After(10 * time.Second)
+			for range packets {
+				select {
+				case <-receiver.Incoming:
+				case <-timeout:
+					t.Error("a packet did not arrive")
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	used := float64(settle().HeapInuse-before) / float64(conns)
+	for _, s := range streams {
+		s.Close()
+	}
+	return used
+}
+
+// settle collects garbage until the heap in use stays the same, within 64
+// KiB, three times in a row, for at most 5 seconds, and returns the memory
+// statistics: by then the readers have gone back to waiting and the pools
+// have been emptied.
+func settle() runtime.MemStats {
+	var m runtime.MemStats
+	prev, same := uint64(0), 0
+	for deadline := time.Now().Add(5 * time.Second); same < 3 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond) // let the readers run
+		runtime.GC()
+		runtime.GC() // the second empties what pools held at the first
+		runtime.ReadMemStats(&m)
+		if max(m.HeapInuse, prev)-min(m.HeapInuse, prev) <= 64<<10 {
+			same++
+		} else {
+			same = 0
+		}
+		prev = m.HeapInuse
+	}
+	return m
+}
+
 // resumablePair returns a resumable client stream and its session's stream
 // on the accepting side, over loopback TCP.
 func resumablePair(t testing.TB, size int) (*packet.Stream, *packet.Stream) {

@@ -133,18 +133,20 @@ func manyConns(p params) {
 				continue
 			}
 			r := idle(k, p)
-			s.add(k.name, r.bytes, r.goroutines, r.bytesRd, r.goroutinesRd, r.perSec, r.took)
+			s.add(k.name, r.bytes, r.goroutines, r.bytesRd, r.goroutinesRd, r.perSec, r.took, r.bytesAfter)
 		}
 	}
 	t := newTable(fmt.Sprintf("4. Idle connections, %d held by one process: heap+stack in use after GC per connection (TCP connection included) and goroutines per connection (ratios of KiB with reader; lower is leaner)", p.conns),
-		"library\tKiB/conn\tgoroutines\tKiB/conn with reader\tgoroutines\tvs stdlib\tvs net.Conn\tvs floor")
+		"library\tKiB/conn\tgoroutines\tKiB/conn with reader\tgoroutines\tvs stdlib\tvs net.Conn\tvs floor\tKiB/conn after traffic\tvs before\tvs floor")
 	base, bare, fl := s.median("stdlib"), s.median("net.Conn"), s.median("floor")
 	for _, label := range s.labels {
 		v := s.median(label)
-		t.row("%s\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s", label, v[0]/1024, v[1], v[2]/1024, v[3],
-			ratio(v[2], base[2]), ratio(v[2], bare[2]), ratio(v[2], fl[2]))
+		t.row("%s\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s\t%.2f\t%s\t%s", label, v[0]/1024, v[1], v[2]/1024, v[3],
+			ratio(v[2], base[2]), ratio(v[2], bare[2]), ratio(v[2], fl[2]),
+			v[6]/1024, ratio(v[6], v[2]), ratio(v[6], fl[6]))
 	}
 	t.note(`"with reader": one goroutine per connection blocked receiving (for packet and floor, on Incoming), as a user's read loop; it echoes in workload 5.`)
+	t.note(fmt.Sprintf(`"after traffic": with reader, quiet again after workload 5's round trips and one more of %d B each (16 B for net.Conn); "vs before" is over "with reader".`, afterSize))
 	t.note(`stdlib holds its two 64 KiB bufio buffers (sized for throughput), so "vs net.Conn" is the fairer memory ratio.`)
 	t.flush()
 

@@ -23,7 +23,9 @@ import (
 //     connection and says "ready"; the parent says "go", the child sends or
 //     receives a one-way run and says "done".
 //   - role "hold": the child listens and says "listening ADDR", accepts the
-//     connections the parent dials and reports on them (see hold).
+//     connections the parent dials and reports on them ("idle ..."); once
+//     the parent says "quiet", it reports on them again ("after ...", see
+//     hold).
 type peer struct {
 	cmd *exec.Cmd
 	in  io.WriteCloser
@@ -110,7 +112,7 @@ func runPeer(f peerFlags) {
 		}
 	}
 	if f.role == "hold" {
-		hold(k, f.conns)
+		hold(k, f.conns, in)
 		waitEOF(in)
 	}
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"fmt"
 	"log"
 	"net"
@@ -214,13 +215,20 @@ type idleResult struct {
 	bytesRd, goroutinesRd float64 // per connection, with one goroutine in recv each
 	perSec                float64 // round trips per second, all connections at once
 	took                  float64 // seconds for all round trips
+	bytesAfter            float64 // per connection, with its goroutine, quiet again after traffic
 }
+
+// afterSize is the payload of the last round trip before the idle memory is
+// measured again: large enough to need more than a small read buffer.
+const afterSize = 1 << 10
 
 // idle has a fresh child process hold p.conns connections of k, dialed from
 // here, and report what they cost it (see hold). Then every connection does
-// p.rounds round trips at once, timed here. A fresh process per measurement
-// keeps one library's leftovers (free goroutines, cached stacks, a grown
-// heap) out of the next one's numbers.
+// p.rounds round trips at once, timed here, and one more of afterSize bytes
+// (16 for a fixed kind), untimed, after which the child reports again what
+// the connections cost it now that they are quiet. A fresh process per
+// measurement keeps one library's leftovers (free goroutines, cached
+// stacks, a grown heap) out of the next one's numbers.
 func idle(k kind, p params) idleResult {
 	defer watchdog(k.name + " idle connections").Stop()
 	holder := startPeer(k.name, "hold", "", "-conns", strconv.Itoa(p.conns))
@@ -238,20 +246,31 @@ func idle(k kind, p params) idleResult {
 		*v, _ = strconv.ParseFloat(f[i+1], 64)
 	}
 	start := time.Now()
-	if failed := roundTrips(eps, p.rounds); failed > 0 {
+	if failed := roundTrips(eps, p.rounds, 16); failed > 0 {
 		log.Fatalf("benchmarks: %s: %d of %d connections failed", k.name, failed, p.conns)
 	}
 	r.took = time.Since(start).Seconds()
 	r.perSec = float64(p.conns*p.rounds) / r.took
+	size := afterSize
+	if k.fixed {
+		size = 16
+	}
+	if failed := roundTrips(eps, 1, size); failed > 0 {
+		log.Fatalf("benchmarks: %s: %d of %d connections failed", k.name, failed, p.conns)
+	}
+	holder.tell("quiet")
+	r.bytesAfter, _ = strconv.ParseFloat(holder.expect("after")[1], 64)
 	return r
 }
 
 // hold is the child's side of idle: it accepts conns connections of k and
 // prints, per connection, the heap and stack memory and the goroutines they
 // added, first as wrapped, then with a goroutine blocked receiving on each
-// (as a user's read loop would be; it echoes). Memory is counted from before
-// the first connection, so it includes the TCP connection itself.
-func hold(k kind, conns int) {
+// (as a user's read loop would be; it echoes). Once the parent says the
+// traffic is over (a line on in), it prints the memory per connection
+// again. Memory is counted from before the first connection, so it
+// includes the TCP connection itself.
+func hold(k kind, conns int, in *bufio.Scanner) {
 	l := listen()
 	out := make(chan endpoint, 64)
 	k.serve(l, out)
@@ -269,6 +288,11 @@ func hold(k kind, conns int) {
 	n := float64(conns)
 	fmt.Println("idle", float64(int64(m1)-int64(m0))/n, float64(g1-g0)/n,
 		float64(int64(m2)-int64(m0))/n, float64(g2-g0)/n)
+	if !in.Scan() {
+		return
+	}
+	_, m3 := settle()
+	fmt.Println("after", float64(int64(m3)-int64(m0))/n)
 }
 
 // settle waits until the number of goroutines has stopped changing (new ones
@@ -291,13 +315,13 @@ func settle() (goroutines int, mem uint64) {
 	return runtime.NumGoroutine(), m.HeapInuse + m.StackInuse
 }
 
-// roundTrips does rounds round trips of 16 bytes on every endpoint at once
-// and returns how many failed.
-func roundTrips(eps []endpoint, rounds int) int {
+// roundTrips does rounds round trips of size bytes on every endpoint at
+// once and returns how many failed.
+func roundTrips(eps []endpoint, rounds, size int) int {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	failed := 0
-	payload := make([]byte, 16)
+	payload := make([]byte, size)
 	for _, e := range eps {
 		wg.Go(func() {
 			for range rounds {
