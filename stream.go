@@ -1784,13 +1784,14 @@ type session struct {
 	owner       *Sessions     // the accepting side's registry; nil on the dialing side
 	expireAfter time.Duration // on the accepting side
 
-	// Written by the readers (which never overlap), read by the writer.
-	read      atomic.Uint64 // packets read and kept in this session
-	delivered atomic.Uint64 // packets put into Incoming in this session
-	// gate lets Close freeze delivered: a reader enters it around each
-	// delivery, and once the writer has set gateFrozen and no reader is
-	// inside, delivered is final and readers drop what they read.
-	gate atomic.Uint32
+	// deliveries counts, from bit 2 up, the packets the readers (which
+	// never overlap) put into Incoming in this session. It also lets Close
+	// freeze that count: a reader sets gateInside around each delivery, and
+	// once the writer has set gateFrozen and no reader is inside, the count
+	// is final and readers drop what they read. One word, so that a
+	// delivery costs two atomic operations. What was read and kept is the
+	// count plus the backlog.
+	deliveries atomic.Uint64
 
 	// fresh is set by the reader when a new session replaced a lost one,
 	// and taken by the writer, which then sends again everything not
@@ -1806,9 +1807,10 @@ type session struct {
 	// The acknowledgement timer runs while packets wait in Incoming
 	// unacknowledged, and looks again, less often each time, until the
 	// application has taken them.
-	ackArmed atomic.Bool
-	ackWait  atomic.Int64 // the timer's next wait, in nanoseconds
-	ackTimer *time.Timer  // made by the first reader that needs it
+	ackArmed  atomic.Bool
+	ackWait   atomic.Int64  // the timer's next wait, in nanoseconds
+	tickTaken atomic.Uint64 // taken at the timer's last run
+	ackTimer  *time.Timer   // made by the first reader that needs it
 
 	// goneSince is when the stream lost its last connection, in Unix
 	// nanoseconds, 0 while it has one; Sessions reads it to evict.
@@ -1822,10 +1824,11 @@ type session struct {
 	replay replayBuffer
 }
 
-// Bits of session.gate.
+// Bits of session.deliveries.
 const (
-	gateInside = 1 << iota // a reader is delivering a packet
-	gateFrozen             // Close has counted what was delivered
+	gateInside   = 1 << iota // a reader is delivering a packet
+	gateFrozen               // Close has counted what was delivered
+	oneDelivered             // the count's unit
 )
 
 // resumePoint is where a resumable connection takes the session up: the
@@ -1910,12 +1913,12 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 		if c.resume.lost {
 			kind = frameLost
 		}
-		if _, err := c.Write(greeting(kind, sess.read.Load(), token, d.maxSize)); err != nil {
+		if _, err := c.Write(greeting(kind, r.readCount(), token, d.maxSize)); err != nil {
 			return err
 		}
 		return r.resumeAt(c.resume.peerRead, c.resume.peerMax)
 	}
-	if _, err := c.Write(greeting(frameHello, sess.read.Load(), token, d.maxSize)); err != nil {
+	if _, err := c.Write(greeting(frameHello, r.readCount(), token, d.maxSize)); err != nil {
 		return err
 	}
 	p, err := d.Decode()
@@ -1979,11 +1982,31 @@ func readLimit(r io.Reader) (int, error) {
 	return int(min(f.arg, math.MaxInt)), nil
 }
 
+// delivered returns how many packets the readers put into Incoming in this
+// session.
+func (sess *session) delivered() uint64 {
+	return sess.deliveries.Load() / oneDelivered
+}
+
+// readCount returns how many packets of this session the readers read and
+// kept: those delivered and those in the backlog, which the next reader
+// delivers. The previous reader has exited, so the count is final.
+func (r *reader) readCount() uint64 {
+	r.s.mu.Lock()
+	backlog := len(r.s.backlog)
+	r.s.mu.Unlock()
+	return r.sess.delivered() + uint64(backlog)
+}
+
 // restart starts the counts of a session again, when a lost one is
 // replaced by a new one.
 func (sess *session) restart() {
-	sess.read.Store(0)
-	sess.delivered.Store(0)
+	for {
+		v := sess.deliveries.Load()
+		if sess.deliveries.CompareAndSwap(v, v&gateFrozen) {
+			break
+		}
+	}
 	sess.peerAcked.Store(0)
 	sess.acked.Store(0)
 }
@@ -2003,31 +2026,34 @@ func (r *reader) resumeAt(from uint64, peerMax int) error {
 // then counts as unsent.
 func (r *reader) passCounted(p *Packet) bool {
 	sess := r.sess
-	if !sess.gate.CompareAndSwap(0, gateInside) {
-		return true // frozen
+	v := sess.deliveries.Load()
+	if v&gateFrozen != 0 || !sess.deliveries.CompareAndSwap(v, v|gateInside) {
+		return true // frozen: only Close changes the word meanwhile
 	}
 	ok := r.deliver(p)
+	leave := ^uint64(gateInside - 1) // adds -gateInside
 	if ok && !r.diverted {
-		sess.delivered.Add(1)
+		leave += oneDelivered
 	}
-	if sess.gate.Add(^uint32(0)) == gateFrozen {
+	if sess.deliveries.Add(leave)&gateFrozen != 0 {
 		r.s.wakeWriter() // Close waits for this delivery to end
 	}
 	return ok
 }
 
-// count counts a packet read on a resumable stream and asks for an
+// count notes a packet read on a resumable stream and asks for an
 // acknowledgement when one is due.
 func (r *reader) count(p *Packet) {
 	sess := r.sess
-	sess.read.Add(1)
 	r.toAck += HeaderSize + len(p.Data)
 	if r.toAck >= ackBytes {
 		r.toAck = 0
 		r.c.due.Or(dueAck)
 		r.s.wakeWriter()
-		return
 	}
+	// What the application takes later is acknowledged by the timer, also
+	// after an acknowledgement by bytes, which counts only what was taken
+	// by then.
 	if !sess.ackArmed.Load() && !sess.ackArmed.Swap(true) {
 		sess.ackWait.Store(int64(ackDelay))
 		if sess.ackTimer == nil {
@@ -2040,8 +2066,9 @@ func (r *reader) count(p *Packet) {
 
 // ackNow runs on the acknowledgement timer: it asks the writer for an
 // acknowledgement if the application took something since the last one,
-// and looks again later while packets wait in Incoming, twice as long each
-// time up to maxAckDelay.
+// and looks again while packets wait in Incoming: after ackDelay while the
+// application keeps taking them, twice as long each time, up to
+// maxAckDelay, while it takes none.
 func (sess *session) ackNow() {
 	sess.ackArmed.Store(false)
 	taken, waiting := sess.taken()
@@ -2050,7 +2077,10 @@ func (sess *session) ackNow() {
 		sess.s.wakeWriter()
 	}
 	if waiting && !sess.ackArmed.Swap(true) {
-		wait := min(2*time.Duration(sess.ackWait.Load()), maxAckDelay)
+		wait := ackDelay
+		if sess.tickTaken.Swap(taken) == taken {
+			wait = min(2*time.Duration(sess.ackWait.Load()), maxAckDelay)
+		}
 		sess.ackWait.Store(int64(wait))
 		sess.ackTimer.Reset(wait)
 	}
@@ -2060,7 +2090,7 @@ func (sess *session) ackNow() {
 // from Incoming, and whether some it was given wait there still. It may
 // count low, never high: delivered is read before Incoming's length.
 func (sess *session) taken() (uint64, bool) {
-	delivered := sess.delivered.Load()
+	delivered := sess.delivered()
 	inChannel := uint64(len(sess.s.incoming))
 	if inChannel >= delivered {
 		return 0, delivered > 0
@@ -2304,15 +2334,15 @@ func (w *writer) bye(c *conn) error {
 		return nil
 	}
 	sess := w.replay.sess
-	sess.gate.Or(gateFrozen)
-	for sess.gate.Load()&gateInside != 0 && !c.ended.Load() {
+	sess.deliveries.Or(gateFrozen)
+	for sess.deliveries.Load()&gateInside != 0 && !c.ended.Load() {
 		<-w.s.wake // a delivery under way ends, or Close's timer ends c
 	}
 	if c.ended.Load() {
 		return nil
 	}
 	w.startWrite(c)
-	_, err := c.Write(appendControl(nil, frameBye, sess.delivered.Load()))
+	_, err := c.Write(appendControl(nil, frameBye, sess.delivered()))
 	w.stopWrite()
 	for err == nil && !sess.peerBye.Load() && !c.ended.Load() {
 		<-w.s.wake // the peer's bye, or Close's timer
