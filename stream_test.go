@@ -2930,6 +2930,26 @@ func TestSessionLostThenCutRecovers(t *testing.T) {
 	}
 }
 
+// Large packets keep flowing to a receiver whose application falls behind
+// until the sender's replay limit is reached: what the application takes
+// later is acknowledged without more arriving.
+func TestLargePacketsFlowPastTheReplayLimit(t *testing.T) {
+	client, server := resumablePair(t, 16)
+	client.SetReplayLimit(100 << 10)
+	const n = 200
+	go func() {
+		for i := range n {
+			client.Outgoing <- numbered(i, 40<<10)
+		}
+	}()
+	// The application falls behind: Incoming fills, and the sender's
+	// replay limit (two and a half packets) is reached.
+	waitFor(t, "Incoming full", func() bool { return len(server.Incoming) >= 2 })
+	for i := range n {
+		require.Equal(t, i, number(receive(t, server)))
+	}
+}
+
 // Close right after SetConnection on a resumable stream waits for the
 // handshake, then sends what is queued.
 func TestCloseDuringHandshakeSendsQueued(t *testing.T) {
