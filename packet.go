@@ -130,8 +130,9 @@
 // is sent it again. An ack below an earlier one, or above what was sent,
 // drops the connection with ErrHandshake. This package acks after each
 // 32 KiB read, headers included, and within 10 ms of a packet arriving;
-// while packets wait in Incoming it looks again, twice as long apart each
-// time up to 1 s, and sends nothing while nothing changes. A sender keeps
+// while packets wait in Incoming it looks again every 10 ms as long as the
+// application takes some, twice as long apart each time up to 1 s while it
+// takes none, and sends nothing while nothing changes. A sender keeps
 // what is not acknowledged up to its replay limit (1 MiB of headers and
 // payloads by default) and then sends nothing new.
 //
