@@ -1030,6 +1030,12 @@ type reader struct {
 	// bye is set when the peer ended the session: the reader stops, and
 	// leaves c to the writer, which answers with a bye of its own.
 	bye bool
+	// inGate is set on a resumable stream while the reader holds the
+	// session's gate, from its first delivery after a read of the
+	// connection until the next read; passed counts what it delivered
+	// meanwhile, added to the session's count when it leaves.
+	inGate bool
+	passed uint64
 }
 
 // readLoop is the reader of one connection. It waits for the previous
@@ -1058,6 +1064,8 @@ func (s *Stream) readLoop(c *conn, prev <-chan struct{}, done chan<- struct{}) {
 	d.control = true
 	var err error
 	if c.resume != nil {
+		cr.counted = r
+		defer r.leaveGate()
 		err = r.handshake(cr, d)
 	}
 	if err == nil && r.deliverBacklog() {
@@ -1222,6 +1230,7 @@ func (r *reader) pass(p *Packet) bool {
 type connReader struct {
 	c         *conn
 	d         *Decoder // decodes what is read here; told when a read may wait
+	counted   *reader  // a resumable stream's reader, which leaves its gate before each read
 	buf       []byte   // unread bytes are buf[r:w]
 	r, w      int
 	err       error // from the last read, returned once buf is empty
@@ -1245,10 +1254,12 @@ func (cr *connReader) Read(p []byte) (int, error) {
 			// little of that payload is copied through a buffer.
 			cr.streaming = false
 			cr.quiet()
+			cr.counted.leaveGate()
 			n, err := cr.c.Read(p)
 			cr.c.arrived.Store(true)
 			return n, err
 		}
+		cr.counted.leaveGate()
 		if err := cr.fill(); err != nil {
 			return 0, err
 		}
@@ -2023,34 +2034,53 @@ func (r *reader) resumeAt(from uint64, peerMax int) error {
 
 // passCounted is deliver on a resumable stream: it counts what goes into
 // Incoming, and once Close has taken that count it drops p, which the peer
-// then counts as unsent.
+// then counts as unsent. The reader enters the session's gate at its first
+// delivery after a read and leaves it before the next (leaveGate), so the
+// gate costs two atomic operations per read, not per packet.
 func (r *reader) passCounted(p *Packet) bool {
-	sess := r.sess
-	v := sess.deliveries.Load()
-	if v&gateFrozen != 0 || !sess.deliveries.CompareAndSwap(v, v|gateInside) {
-		return true // frozen: only Close changes the word meanwhile
+	if !r.inGate {
+		sess := r.sess
+		v := sess.deliveries.Load()
+		if v&gateFrozen != 0 || !sess.deliveries.CompareAndSwap(v, v|gateInside) {
+			return true // frozen: only Close changes the word meanwhile
+		}
+		r.inGate = true
 	}
 	ok := r.deliver(p)
-	leave := ^uint64(gateInside - 1) // adds -gateInside
 	if ok && !r.diverted {
-		leave += oneDelivered
-	}
-	if sess.deliveries.Add(leave)&gateFrozen != 0 {
-		r.s.wakeWriter() // Close waits for this delivery to end
+		r.passed++
 	}
 	return ok
 }
 
-// count notes a packet read on a resumable stream and asks for an
-// acknowledgement when one is due.
-func (r *reader) count(p *Packet) {
-	sess := r.sess
-	r.toAck += HeaderSize + len(p.Data)
+// leaveGate adds what the reader delivered to the session's count and
+// leaves the gate, before a read that may wait; nil, or outside the gate,
+// it does nothing.
+func (r *reader) leaveGate() {
+	if r == nil || !r.inGate {
+		return
+	}
+	r.inGate = false
+	leave := r.passed*oneDelivered - gateInside
+	r.passed = 0
+	if r.sess.deliveries.Add(leave)&gateFrozen != 0 {
+		r.s.wakeWriter() // Close waits for the reader to leave
+	}
 	if r.toAck >= ackBytes {
+		// Asked for here, once the count is out and the application had
+		// its chance to take what it was given (readStream yields before
+		// a read that may wait), so the acknowledgement frees the sender.
 		r.toAck = 0
 		r.c.due.Or(dueAck)
 		r.s.wakeWriter()
 	}
+}
+
+// count notes a packet read on a resumable stream for acknowledgement and
+// starts the acknowledgement timer if it does not run.
+func (r *reader) count(p *Packet) {
+	sess := r.sess
+	r.toAck += HeaderSize + len(p.Data) // leaveGate asks for an acknowledgement by bytes
 	// What the application takes later is acknowledged by the timer, also
 	// after an acknowledgement by bytes, which counts only what was taken
 	// by then.
