@@ -493,12 +493,12 @@ func (s *Stream) endLocked(c *conn, err error) bool {
 	if c.keepAlive != nil {
 		c.keepAlive.Stop()
 	}
+	if s.session != nil && s.conn == nil {
+		s.session.down() // before the report, which a callback may act on at once
+	}
 	if err != nil {
 		s.callbacks.report(IOError{Connection: c.Conn, Error: err})
 		s.redialLocked()
-	}
-	if s.session != nil && s.conn == nil {
-		s.session.down()
 	}
 	return true
 }
@@ -1895,6 +1895,12 @@ func (s *Stream) SetHandshakeTimeout(d time.Duration) {
 // is reached the stream takes nothing more from Outgoing, so senders block.
 // A packet larger than the limit is still sent, alone. It panics if n is
 // negative.
+//
+// The peer acknowledges what its application has taken from Incoming, so
+// what waits there counts against this limit: a stream of large packets
+// flows best with a limit above the peer's Incoming capacity times the
+// packet size, or it waits, up to 10 ms at a time, for the peer to notice
+// that its application took them.
 func (s *Stream) SetReplayLimit(n int) {
 	if n < 0 {
 		panic(fmt.Errorf("packet: SetReplayLimit(%d): negative size", n))

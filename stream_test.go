@@ -3281,26 +3281,40 @@ func TestMaxSessionsEvictsGoneLongest(t *testing.T) {
 	ln := listen(t)
 	sessions := packet.NewSessions(4)
 	sessions.SetMaxSessions(100)
-	gone := make(chan struct{}, 1)
-	sessions.OnSession(func(s *packet.Stream) {
-		s.OnError(func(packet.IOError) { gone <- struct{}{} })
-	})
 	var mu sync.Mutex
-	var order int
+	order := map[*packet.Stream]int{} // numbered before the welcome goes out
+	gone := []chan struct{}{}         // by number: the server saw the client go
 	ended := map[int]bool{}
-	sessionsOn(t, ln, sessions, func(s *packet.Stream) {
+	sessions.OnSession(func(s *packet.Stream) {
+		seen := make(chan struct{}, 1)
 		mu.Lock()
-		i := order
-		order++
+		order[s] = len(order)
+		gone = append(gone, seen)
 		mu.Unlock()
+		s.OnError(func(packet.IOError) {
+			select {
+			case seen <- struct{}{}:
+			default:
+			}
+		})
+	})
+	sessionsOn(t, ln, sessions, func(s *packet.Stream) {
 		for range s.Incoming {
 		}
 		mu.Lock()
-		ended[i] = true
+		ended[order[s]] = true
 		mu.Unlock()
 	})
-	for range 300 {
-		helloAndVanish(t, ln.Addr().String(), gone)
+	for i := range 300 {
+		helloAndVanish(t, ln.Addr().String(), nil)
+		mu.Lock()
+		seen := gone[i]
+		mu.Unlock()
+		select {
+		case <-seen:
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "the server did not see the client go", "session %d", i)
+		}
 	}
 	waitFor(t, "200 evicted", func() bool { mu.Lock(); defer mu.Unlock(); return len(ended) >= 200 })
 	mu.Lock()
