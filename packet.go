@@ -96,7 +96,11 @@
 //  2. For a zero token the accepting side starts a session and sends welcome
 //     with count 0 and a new token of 16 random bytes, never all zero; for a
 //     token it knows, welcome with its read count and a fresh token, which
-//     names the session from then on: the one in the hello stops working.
+//     names the session from then on. The token in the hello keeps working
+//     only until the dialing side shows it has the fresh one, by any frame
+//     sent after the welcome (a stream sends an ack at once), so a welcome
+//     lost on the way costs no session and a stolen token is of no use
+//     after the client's next connection.
 //     Its limit follows. A count the session cannot resume from (below
 //     what the dialing side acknowledged, above what was sent) ends the
 //     session, and the hello is answered as in step 3.

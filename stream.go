@@ -1027,6 +1027,9 @@ type reader struct {
 	// from then on what c still yields goes to the stream's backlog, for the
 	// next connection's reader to deliver.
 	diverted bool
+	// confirm is set on the accepting side after a welcome: the first
+	// frame that arrives shows that the client has its token.
+	confirm bool
 	// bye is set when the peer ended the session: the reader stops, and
 	// leaves c to the writer, which answers with a bye of its own.
 	bye bool
@@ -1089,6 +1092,10 @@ func (r *reader) readStream(cr *connReader, d *Decoder) error {
 		p, err := d.Decode()
 		if err != nil {
 			return err
+		}
+		if r.confirm {
+			r.confirm = false
+			r.sess.owner.confirm(r.s, r.c.resume.welcomed)
 		}
 		if p == nil {
 			if err := r.controlStream(d.frame); err != nil || r.bye {
@@ -1716,17 +1723,59 @@ func (ss *Sessions) resume(token [tokenSize]byte, peerRead uint64) *Stream {
 	if s == nil {
 		return nil
 	}
-	delete(ss.streams, token)
 	sess := s.session
 	if peerRead < sess.peerAcked.Load() || peerRead > sess.sent.Load() {
+		ss.forgetLocked(s)
 		go s.Close()
 		return nil
 	}
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	if token == sess.token {
+		// The client has the newest token: the one it showed before is
+		// of no more use.
+		if sess.proven != token && ss.streams[sess.proven] == s {
+			delete(ss.streams, sess.proven)
+		}
+		sess.proven = token
+	} else {
+		// The client showed the token it had proven: it never got the
+		// newest, which goes.
+		delete(ss.streams, sess.token)
+	}
 	rand.Read(sess.token[:])
 	ss.streams[sess.token] = s
-	s.mu.Unlock()
 	return s
+}
+
+// confirm notes that the client has the token its last welcome carried:
+// something arrived after that welcome, which the client sends only once it
+// read it. The token it showed before stops working.
+func (ss *Sessions) confirm(s *Stream, welcomed [tokenSize]byte) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sess := s.session
+	if sess.token != welcomed || sess.proven == welcomed {
+		return
+	}
+	if ss.streams[sess.proven] == s {
+		delete(ss.streams, sess.proven)
+	}
+	sess.proven = welcomed
+}
+
+// forgetLocked removes every token of s from the registry. The caller holds
+// ss.mu.
+func (ss *Sessions) forgetLocked(s *Stream) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, token := range [...][tokenSize]byte{s.session.token, s.session.proven} {
+		if ss.streams[token] == s {
+			delete(ss.streams, token)
+		}
+	}
 }
 
 // create starts a new session with a fresh token, making room for it if
@@ -1773,9 +1822,7 @@ func (ss *Sessions) evictLocked() *Stream {
 		}
 	}
 	if oldest != nil {
-		oldest.mu.Lock()
-		delete(ss.streams, oldest.session.token)
-		oldest.mu.Unlock()
+		ss.forgetLocked(oldest)
 	}
 	return oldest
 }
@@ -1830,6 +1877,11 @@ type session struct {
 	// Guarded by Stream.mu.
 	token  [tokenSize]byte // zero until the accepting side issued one; changes on each welcome
 	expiry *time.Timer
+	// proven is, on the accepting side, the last token the client showed
+	// it has; it stays valid beside token until the client shows it has
+	// that one too, so that a welcome lost on the way costs no session.
+	// Guarded by Sessions.mu as well.
+	proven [tokenSize]byte
 
 	// The writer's alone.
 	replay replayBuffer
@@ -1845,11 +1897,12 @@ const (
 // resumePoint is where a resumable connection takes the session up: the
 // reader settles it in the handshake, then the writer acts on it.
 type resumePoint struct {
-	peerRead uint64      // how many of our packets the peer has read and kept
-	peerMax  int         // the largest payload the peer accepts
-	lost     bool        // on the accepting side: the hello named an unknown session, which this one replaces
-	settled  atomic.Bool // set by the reader once the fields above are final
-	acted    bool        // the writer has acted on it
+	peerRead uint64          // how many of our packets the peer has read and kept
+	peerMax  int             // the largest payload the peer accepts
+	lost     bool            // on the accepting side: the hello named an unknown session, which this one replaces
+	welcomed [tokenSize]byte // on the accepting side: the token the welcome carries
+	settled  atomic.Bool     // set by the reader once the fields above are final
+	acted    bool            // the writer has acted on it
 }
 
 // newSession returns the session of stream s; owner is the accepting
@@ -1933,6 +1986,7 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 		if _, err := c.Write(greeting(kind, r.readCount(), token, d.maxSize)); err != nil {
 			return err
 		}
+		c.resume.welcomed, r.confirm = token, true
 		return r.resumeAt(c.resume.peerRead, c.resume.peerMax)
 	}
 	if _, err := c.Write(greeting(frameHello, r.readCount(), token, d.maxSize)); err != nil {
@@ -1972,6 +2026,9 @@ func (r *reader) handshake(cr *connReader, d *Decoder) error {
 	s.mu.Lock()
 	sess.token = issued
 	s.mu.Unlock()
+	// The first frame after the welcome, an acknowledgement at once, shows
+	// the server this side has the token it issued.
+	c.due.Or(dueAck)
 	return r.resumeAt(from, limit)
 }
 
@@ -2200,16 +2257,13 @@ func (sess *session) closed() {
 	if sess.expiry != nil {
 		sess.expiry.Stop()
 	}
-	token := sess.token
 	s.mu.Unlock()
 	if sess.ackTimer != nil {
 		sess.ackTimer.Stop()
 	}
 	if ss := sess.owner; ss != nil {
 		ss.mu.Lock()
-		if ss.streams[token] == s {
-			delete(ss.streams, token)
-		}
+		ss.forgetLocked(s)
 		ss.mu.Unlock()
 	}
 }

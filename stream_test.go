@@ -3103,12 +3103,16 @@ func TestStrictSessionFrames(t *testing.T) {
 			for i := range 3 {
 				s.Outgoing <- numbered(i, 8)
 			}
+			ack := make([]byte, 9)
+			_, err := io.ReadFull(raw, ack)
+			require.NoError(t, err)
+			require.Equal(t, controlFrame(0x03, 0), ack, "the client shows at once it has the token")
 			d := packet.NewDecoder(raw)
 			for range 3 {
 				_, err := d.Decode()
 				require.NoError(t, err)
 			}
-			_, err := raw.Write(frames)
+			_, err = raw.Write(frames)
 			require.NoError(t, err)
 			assert.ErrorIs(t, receiveError(t, errs).Error, packet.ErrHandshake)
 			raw.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -3417,12 +3421,51 @@ func TestTokensRotate(t *testing.T) {
 	next, kind := readWelcome(t, again)
 	require.Equal(t, byte(0x05), kind, "the session resumes")
 	assert.NotEqual(t, captured, next, "under a fresh token")
+	// The client shows it has the new token by sending anything, as a
+	// stream does at once; a ping answered means the server read it.
+	_, err = again.Write(append(controlFrame(0x03, 0), controlFrame(0x01, 0)...))
+	require.NoError(t, err)
+	pong := make([]byte, 9)
+	_, err = io.ReadFull(again, pong)
+	require.NoError(t, err)
+	require.Equal(t, controlFrame(0x02, 0), pong)
 
 	thief := dial()
 	_, err = thief.Write(rawHello(captured, 0))
 	require.NoError(t, err)
 	_, kind = readWelcome(t, thief)
 	assert.Equal(t, byte(0x06), kind, "the captured token is answered lost")
+}
+
+// A welcome lost on the way costs no session: until the client shows it
+// has the new token, the one it showed before still resumes the session.
+func TestLostWelcomeKeepsSession(t *testing.T) {
+	ln := listen(t)
+	sessions := packet.NewSessions(4)
+	sessionsOn(t, ln, sessions, nil)
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		require.NoError(t, err)
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	first := dial()
+	_, err := first.Write(rawHello([16]byte{}, 0))
+	require.NoError(t, err)
+	token, kind := readWelcome(t, first)
+	require.Equal(t, byte(0x05), kind)
+	first.Close()
+	for range 3 { // each welcome lost: the client never reads it
+		c := dial()
+		_, err := c.Write(rawHello(token, 0))
+		require.NoError(t, err)
+		c.Close()
+	}
+	last := dial()
+	_, err = last.Write(rawHello(token, 0))
+	require.NoError(t, err)
+	_, kind = readWelcome(t, last)
+	assert.Equal(t, byte(0x05), kind, "the session resumes with the token the client has")
 }
 
 // sniffer forwards connections to target and keeps the token of the last
