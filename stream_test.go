@@ -3150,6 +3150,20 @@ func readWelcome(t *testing.T, c net.Conn) ([16]byte, byte) {
 	return token, 0x05
 }
 
+// greet dials addr, says hello for token and reads the answer: the token it
+// names and its kind (0x05 welcome, 0x06 lost). The connection is closed
+// when the test ends.
+func greet(t *testing.T, addr string, token [16]byte) (net.Conn, [16]byte, byte) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	_, err = c.Write(rawHello(token, 0))
+	require.NoError(t, err)
+	named, kind := readWelcome(t, c)
+	return c, named, kind
+}
+
 // sessionsOn accepts connections on ln into sessions, each new session's
 // stream configured by OnSession's configure and handed to handle, until the
 // test ends.
@@ -3245,16 +3259,11 @@ func TestSessionStreamsPingSilentClients(t *testing.T) {
 		s.SetKeepAlive(10*time.Millisecond, time.Minute)
 	})
 	sessionsOn(t, ln, sessions, nil)
-	c, err := net.Dial("tcp", ln.Addr().String())
-	require.NoError(t, err)
-	defer c.Close()
-	_, err = c.Write(rawHello([16]byte{}, 0))
-	require.NoError(t, err)
-	_, kind := readWelcome(t, c)
+	c, _, kind := greet(t, ln.Addr().String(), [16]byte{})
 	require.Equal(t, byte(0x05), kind)
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	ping := make([]byte, 9)
-	_, err = io.ReadFull(c, ping)
+	_, err := io.ReadFull(c, ping)
 	require.NoError(t, err)
 	assert.Equal(t, controlFrame(0x01, 0), ping)
 }
@@ -3262,11 +3271,7 @@ func TestSessionStreamsPingSilentClients(t *testing.T) {
 // helloAndVanish opens a session and drops its connection at once, waiting
 // for the server to have seen it gone when gone is given.
 func helloAndVanish(t *testing.T, addr string, gone <-chan struct{}) {
-	c, err := net.Dial("tcp", addr)
-	require.NoError(t, err)
-	_, err = c.Write(rawHello([16]byte{}, 0))
-	require.NoError(t, err)
-	_, kind := readWelcome(t, c)
+	c, _, kind := greet(t, addr, [16]byte{})
 	require.Equal(t, byte(0x05), kind)
 	c.Close()
 	if gone != nil {
@@ -3402,38 +3407,24 @@ func TestTokensRotate(t *testing.T) {
 	ln := listen(t)
 	sessions := packet.NewSessions(4)
 	sessionsOn(t, ln, sessions, nil)
-	dial := func() net.Conn {
-		c, err := net.Dial("tcp", ln.Addr().String())
-		require.NoError(t, err)
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	first := dial()
-	_, err := first.Write(rawHello([16]byte{}, 0))
-	require.NoError(t, err)
-	captured, kind := readWelcome(t, first)
+	first, captured, kind := greet(t, ln.Addr().String(), [16]byte{})
 	require.Equal(t, byte(0x05), kind)
 	first.Close()
 
-	again := dial() // the client reconnects with the token it was given
-	_, err = again.Write(rawHello(captured, 0))
-	require.NoError(t, err)
-	next, kind := readWelcome(t, again)
+	// The client reconnects with the token it was given.
+	again, next, kind := greet(t, ln.Addr().String(), captured)
 	require.Equal(t, byte(0x05), kind, "the session resumes")
 	assert.NotEqual(t, captured, next, "under a fresh token")
 	// The client shows it has the new token by sending anything, as a
 	// stream does at once; a ping answered means the server read it.
-	_, err = again.Write(append(controlFrame(0x03, 0), controlFrame(0x01, 0)...))
+	_, err := again.Write(append(controlFrame(0x03, 0), controlFrame(0x01, 0)...))
 	require.NoError(t, err)
 	pong := make([]byte, 9)
 	_, err = io.ReadFull(again, pong)
 	require.NoError(t, err)
 	require.Equal(t, controlFrame(0x02, 0), pong)
 
-	thief := dial()
-	_, err = thief.Write(rawHello(captured, 0))
-	require.NoError(t, err)
-	_, kind = readWelcome(t, thief)
+	_, _, kind = greet(t, ln.Addr().String(), captured)
 	assert.Equal(t, byte(0x06), kind, "the captured token is answered lost")
 }
 
@@ -3443,28 +3434,17 @@ func TestLostWelcomeKeepsSession(t *testing.T) {
 	ln := listen(t)
 	sessions := packet.NewSessions(4)
 	sessionsOn(t, ln, sessions, nil)
-	dial := func() net.Conn {
-		c, err := net.Dial("tcp", ln.Addr().String())
-		require.NoError(t, err)
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	first := dial()
-	_, err := first.Write(rawHello([16]byte{}, 0))
-	require.NoError(t, err)
-	token, kind := readWelcome(t, first)
+	first, token, kind := greet(t, ln.Addr().String(), [16]byte{})
 	require.Equal(t, byte(0x05), kind)
 	first.Close()
 	for range 3 { // each welcome lost: the client never reads it
-		c := dial()
-		_, err := c.Write(rawHello(token, 0))
+		c, err := net.Dial("tcp", ln.Addr().String())
+		require.NoError(t, err)
+		_, err = c.Write(rawHello(token, 0))
 		require.NoError(t, err)
 		c.Close()
 	}
-	last := dial()
-	_, err = last.Write(rawHello(token, 0))
-	require.NoError(t, err)
-	_, kind = readWelcome(t, last)
+	_, _, kind = greet(t, ln.Addr().String(), token)
 	assert.Equal(t, byte(0x05), kind, "the session resumes with the token the client has")
 }
 
